@@ -1,0 +1,129 @@
+"""``osscar-export``: the command line.
+
+    osscar-export MODEL --latency-ms 8 [6 4 ...] | --speedup 1.5 [2 ...] [options]
+    osscar-export inspect MODEL
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from osscar_export.errors import OsscarError
+
+BUILTINS = ("smollm2-135m", "efficientnet-lite0", "minilm-l6")
+MODEL_HELP = (
+    f"a built-in real model ({', '.join(BUILTINS)}), a torchvision model name, "
+    "a folder holding a Hugging Face model, or a `module:factory` Python path"
+)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--seq-len", type=int, default=128, help="sequence length of the captured language model (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size the model is captured and timed with (default 1)")
+    p.add_argument("--image-size", type=int, default=None, help="image size for vision models (default: the model's own)")
+
+
+def _job_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="osscar-export",
+        description="Prune MODEL one-shot with OSSCAR to a latency budget and export it (ONNX, .pt2). "
+        "Run `osscar-export inspect MODEL` to list its prunable structures.",
+    )
+    _model_args(p)
+    budget = p.add_argument_group("budget (one or more values make a family of models)")
+    budget.add_argument("--latency-ms", nargs="+", default=[], metavar="MS", help="latency budgets in milliseconds")
+    budget.add_argument("--speedup", nargs="+", default=[], metavar="S", help="speedups over the dense model's measured latency")
+    p.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "torch"], help="runtime to measure and meet the budget on")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default 1)")
+    p.add_argument("--calib", default=None, help="calibration data: bbc-news, natural-calib, a text file/folder, an image folder or a .pt file (default: by task)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration samples (windows, sentences or image crops; default 32)")
+    p.add_argument("--n-eval", type=int, default=16, help="held-out samples for the quality metric (default 16)")
+    p.add_argument("--method", default="osscar", choices=["osscar", "osscar-fast", "greedy", "mp", "mp+"], help="layer solver (default osscar)")
+    p.add_argument("--mode", default="sequential", choices=["sequential", "dense"], help="calibration of the final prune (default sequential)")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out); never overwritten without --force")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--tables", type=Path, default=Path("latency_tables"), help="folder of latency tables (default ./latency_tables)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="osscar-export inspect", description="List MODEL's prunable structure groups and the dims left fixed, with reasons.")
+    _model_args(p)
+    p.add_argument("--all-blocked", action="store_true", help="list every blocked dim (default: the first 40)")
+    return p
+
+
+def inspect(argv: list[str], console: Console) -> None:
+    args = _inspect_parser().parse_args(argv)
+    from osscar_export.models import load_model
+    from osscar_export.passes.structures import find_structures
+
+    with console.status(f"loading and capturing {args.model}"):
+        loaded = load_model(args.model, seq_len=args.seq_len, batch=args.batch, image_size=args.image_size)
+        plan = find_structures(loaded.model, loaded.example_inputs)
+    groups = Table(title=f"{args.model}: {len(plan.groups)} groups, {plan.structures} structures")
+    for col in ("group", "kind", "n", "d", "consumers", "producers", "followers"):
+        groups.add_column(col, justify="right" if col in ("n", "d") else "left")
+    for g in plan.groups:
+        groups.add_row(g.name, g.kind, str(g.count), str(g.unit), ", ".join(c.weight for c in g.consumers),
+                       str(len(g.producers)), str(len(g.followers)))
+    console.print(groups)
+    blocked = Table(title=f"{len(plan.blocked)} dims left fixed")
+    blocked.add_column("where")
+    blocked.add_column("reason")
+    for where, reason in plan.blocked if args.all_blocked else plan.blocked[:40]:
+        blocked.add_row(where, reason)
+    console.print(blocked)
+
+
+def run(argv: list[str], console: Console) -> None:
+    args = _job_parser().parse_args(argv)
+    from osscar_export.pipeline import JobConfig, parse_budgets, run_job
+
+    cfg = JobConfig(
+        model=args.model, latency_ms=parse_budgets(args.latency_ms), speedup=parse_budgets(args.speedup),
+        target=args.target, threads=args.threads, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
+        batch=args.batch, image_size=args.image_size, method=args.method, mode=args.mode, n_eval=args.n_eval,
+        out=args.out, force=args.force, tables=args.tables, seed=args.seed,
+    )
+    if not cfg.latency_ms and not cfg.speedup:
+        raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")
+    outcomes = run_job(cfg, log=lambda msg: console.log(msg))
+    summary = Table(title=f"{args.model} → {args.out}")
+    for col in ("model", "budget ms", "predicted ms", "measured ms", "quality"):
+        summary.add_column(col)
+    for o in outcomes:
+        summary.add_row(o.label, f"{o.budget_ms:.2f}", f"{o.allocation.predicted_ms:.2f}",
+                        f"{o.measured_ms:.2f}" + (" (noisy)" if o.noisy else ""),
+                        ", ".join(f"{k} {v:.4g}" for k, v in o.quality.items()))
+    console.print(summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    console = Console(stderr=True)
+    try:
+        if argv and argv[0] == "inspect":
+            inspect(argv[1:], console)
+        else:
+            run(argv, console)
+    except OsscarError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: cached Gram matrices, error curves and latency tables are kept; run the same command again to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,482 @@
+"""Latency: robust timing of a compiled model and the per-group latency table (DESIGN.md §6).
+
+``measure`` times one ``Runnable``: warm-up, several repeats of several iterations, the minimum
+of the repeat medians (interference only ever slows a run down, so the fastest typical repeat is
+the best estimate of the undisturbed time). It detects interference two ways: the repeat medians
+disagree, or a fixed calibration loop timed before and after has drifted (the machine changed
+speed meanwhile). Either re-measures, a bounded number of times, and the result says if it never
+became clean.
+
+A ``LatencyTable`` holds, for one target and one model, the time of each group's region at each
+kept width, plus the dense time and the base time of everything not prunable. End-to-end time is
+modelled additively, ``T = base + sum_g t_g(k_g)`` (as SPDY/ZipLM do), and the table is measured,
+never modelled from FLOPs: latency is not monotonic in width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osscar_export.atomic import write_text
+from osscar_export.errors import LatencyTableError, PlanError
+from osscar_export.plan import StructureGroup, StructurePlan
+from osscar_export.targets import Runnable, Target
+
+SCHEMA = "osscar-export/latency-table"
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# measuring one runnable
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How a latency is measured; stored with every table so numbers can be reproduced."""
+
+    warmup: int = 5
+    repeats: int = 5
+    iters: int = 20
+    max_spread: float = 0.10  # repeat medians may differ by this fraction of the fastest
+    max_drift: float = 0.10  # the calibration loop may change speed by this fraction
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.warmup < 0 or self.repeats < 1 or self.iters < 1 or self.max_attempts < 1:
+            raise ValueError(f"bad measurement settings: {self}")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One latency: ``ms`` is the minimum of the repeat medians of the accepted attempt."""
+
+    ms: float
+    repeat_ms: tuple[float, ...]  # the median of each repeat
+    spread: float  # (max - min) / min of the repeat medians
+    drift: float  # relative change of the calibration loop, before vs after
+    attempts: int
+    noisy: bool  # no attempt passed the spread and drift checks
+
+
+def _calibration_ms(loops: int = 3) -> float:
+    """A fixed single-threaded CPU workload; its time drifting reveals a machine changing speed."""
+    best = math.inf
+    for _ in range(loops):
+        t0 = time.perf_counter_ns()
+        acc = 0
+        for i in range(100_000):
+            acc += i * i
+        best = min(best, (time.perf_counter_ns() - t0) / 1e6)
+    return best
+
+
+def _attempt(runnable: Runnable, prepared: tuple, s: MeasureSettings) -> Timing:
+    before = _calibration_ms()
+    for _ in range(s.warmup):
+        runnable(*prepared)
+    medians = []
+    for _ in range(s.repeats):
+        samples = []
+        for _ in range(s.iters):
+            t0 = time.perf_counter_ns()
+            runnable(*prepared)
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+        medians.append(statistics.median(samples))
+    after = _calibration_ms()
+    fastest = min(medians)
+    spread = (max(medians) - fastest) / fastest if fastest > 0 else 0.0
+    drift = abs(after - before) / min(after, before)
+    noisy = spread > s.max_spread or drift > s.max_drift
+    return Timing(fastest, tuple(medians), spread, drift, 1, noisy)
+
+
+def measure(
+    runnable: Runnable,
+    inputs: Sequence[torch.Tensor],
+    settings: MeasureSettings = MeasureSettings(),
+) -> Timing:
+    """Latency of ``runnable`` on ``inputs`` in milliseconds; re-measured while interference shows.
+
+    Returns the first clean attempt; when none is clean, the fastest attempt with ``noisy=True``.
+    Threads are the runnable's business (a target compiles with its own thread count).
+    """
+    prepared = runnable.prepare(inputs)
+    tries: list[Timing] = []
+    for attempt in range(1, settings.max_attempts + 1):
+        t = _attempt(runnable, prepared, settings)
+        if not t.noisy:
+            return Timing(t.ms, t.repeat_ms, t.spread, t.drift, attempt, False)
+        tries.append(t)
+    best = min(tries, key=lambda t: t.ms)
+    return Timing(best.ms, best.repeat_ms, best.spread, best.drift, len(tries), True)
+
+
+# --------------------------------------------------------------------------------------------
+# width grid
+
+
+def width_grid(group: StructureGroup, *, align: int = 8, max_levels: int = 32) -> list[int]:
+    """Kept widths (structure counts) at which a group is measured.
+
+    Channels and neurons: multiples of ``align`` (runtimes vectorise over 8/16 lanes), thinned to
+    at most about ``max_levels`` levels. Heads and KV groups are whole already: every count,
+    thinned the same way when there are many. Always includes 1 and the full width.
+    """
+    n = group.count
+    base = align if group.kind in ("channel", "neuron") else 1
+    step = base * max(1, math.ceil(n / (base * max_levels)))
+    return sorted({1, n, *range(step, n, step)})
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def graph_signature(program: torch.export.ExportedProgram) -> str:
+    """A hash of what a latency depends on: op sequence, tensor shapes/dtypes of every node and
+    parameter. Equal for the 30 identical MLPs of one LM; different after any shape change."""
+    ops = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        shape = [list(val.shape), str(val.dtype)] if isinstance(val, torch.Tensor) else None
+        ops.append([node.op, str(node.target) if node.op == "call_function" else "", shape])
+    params = sorted(
+        (list(t.shape), str(t.dtype)) for t in list(program.state_dict.values()) + list(program.constants.values())
+        if isinstance(t, torch.Tensor)
+    )
+    return _digest({"ops": ops, "params": params})[:24]
+
+
+def table_key(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> str:
+    """Cache key of a table: device fingerprint + target settings + model graph signature."""
+    return _digest({"fingerprint": fingerprint, "target": settings, "model": model_signature})[:20]
+
+
+def table_path(directory: str | Path, target: Target, model_signature: str) -> Path:
+    """Where the table for this target and model lives under ``directory``."""
+    return Path(directory) / f"{target.name}-{table_key(target.fingerprint(), target.settings(), model_signature)}.json"
+
+
+@dataclass
+class LatencyTable:
+    """(group signature, kept width) → ms on one target, plus ``base_ms`` and ``dense_ms``.
+
+    ``groups`` maps each group name to its signature; groups with equal signatures (identical
+    layers) share one measured curve in ``times``.
+    """
+
+    fingerprint: dict[str, Any]
+    target: dict[str, Any]  # Target.settings()
+    model_signature: str
+    measurement: dict[str, Any]  # MeasureSettings as a dict
+    dense_ms: float
+    base_ms: float
+    groups: dict[str, str]  # group name → signature
+    times: dict[str, dict[int, float]]  # signature → kept width → ms
+    noisy: list[str] = field(default_factory=list)  # "signature@width" / "dense" measured with interference
+
+    @property
+    def key(self) -> str:
+        return table_key(self.fingerprint, self.target, self.model_signature)
+
+    def _curve(self, group: str) -> dict[int, float]:
+        try:
+            return self.times[self.groups[group]]
+        except KeyError:
+            raise LatencyTableError(
+                f"latency table has no group {group!r} ({len(self.groups)} groups); it was measured for "
+                "another plan: re-measure"
+            ) from None
+
+    def widths(self, group: str) -> list[int]:
+        return sorted(self._curve(group))
+
+    def full_width(self, group: str) -> int:
+        return max(self._curve(group))
+
+    def ms(self, group: str, width: int) -> float:
+        curve = self._curve(group)
+        if width not in curve:
+            raise LatencyTableError(f"group {group!r} was not measured at width {width} (widths: {sorted(curve)})")
+        return curve[width]
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Predicted end-to-end ms: ``base + sum_g t_g(k_g)``; groups not in ``widths`` stay full."""
+        unknown = set(widths) - set(self.groups)
+        if unknown:
+            raise LatencyTableError(f"latency table has no group(s) {sorted(unknown)[:5]}: re-measure")
+        return self.base_ms + sum(self.ms(g, widths.get(g, self.full_width(g))) for g in self.groups)
+
+    def stale_reason(self, fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> str | None:
+        """Why this table does not apply to the given device/target/model, or None when it does."""
+        if dict(fingerprint) != self.fingerprint:
+            changed = sorted(k for k in set(fingerprint) | set(self.fingerprint) if fingerprint.get(k) != self.fingerprint.get(k))
+            return f"device/software fingerprint differs in {changed}"
+        if dict(settings) != self.target:
+            changed = sorted(k for k in set(settings) | set(self.target) if settings.get(k) != self.target.get(k))
+            return f"target settings differ in {changed}"
+        if model_signature != self.model_signature:
+            return "the model graph differs"
+        return None
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "key": self.key,
+            "fingerprint": self.fingerprint,
+            "target": self.target,
+            "model_signature": self.model_signature,
+            "measurement": self.measurement,
+            "dense_ms": self.dense_ms,
+            "base_ms": self.base_ms,
+            "groups": self.groups,
+            "times": {sig: {str(w): ms for w, ms in sorted(c.items())} for sig, c in self.times.items()},
+            "noisy": self.noisy,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename): a reader sees the old table or the new one."""
+        write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True))
+        return Path(path)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "<json>") -> "LatencyTable":
+        """Validate everything first; a table is used whole or not at all."""
+
+        def bad(why: str) -> LatencyTableError:
+            return LatencyTableError(f"latency table {source} is invalid: {why}; delete it to re-measure")
+
+        if not isinstance(data, dict):
+            raise bad("not a JSON object")
+        if data.get("schema") != SCHEMA:
+            raise bad(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+        if data.get("version") != SCHEMA_VERSION:
+            raise bad(f"version is {data.get('version')!r}, this osscar-export reads version {SCHEMA_VERSION}")
+        types = {
+            "key": str, "fingerprint": dict, "target": dict, "model_signature": str, "measurement": dict,
+            "dense_ms": (int, float), "base_ms": (int, float), "groups": dict, "times": dict, "noisy": list,
+        }
+        for name, typ in types.items():
+            if not isinstance(data.get(name), typ) or isinstance(data.get(name), bool):
+                raise bad(f"field {name!r} is missing or not a {typ}")
+        times: dict[str, dict[int, float]] = {}
+        for sig, curve in data["times"].items():
+            if not isinstance(curve, dict) or not curve:
+                raise bad(f"times[{sig!r}] is not a non-empty object")
+            parsed = {}
+            for w, ms in curve.items():
+                if not (isinstance(w, str) and w.isdigit() and int(w) >= 1):
+                    raise bad(f"times[{sig!r}] has a width {w!r} that is not a positive integer")
+                if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not math.isfinite(ms) or ms < 0:
+                    raise bad(f"times[{sig!r}][{w}] = {ms!r} is not a finite non-negative number")
+                parsed[int(w)] = float(ms)
+            times[sig] = parsed
+        for name, sig in data["groups"].items():
+            if sig not in times:
+                raise bad(f"group {name!r} has signature {sig!r} with no measured times")
+        if not all(math.isfinite(data[k]) for k in ("dense_ms", "base_ms")):
+            raise bad("dense_ms / base_ms are not finite")
+        table = cls(
+            fingerprint=data["fingerprint"], target=data["target"], model_signature=data["model_signature"],
+            measurement=data["measurement"], dense_ms=float(data["dense_ms"]), base_ms=float(data["base_ms"]),
+            groups=dict(data["groups"]), times=times, noisy=list(data["noisy"]),
+        )
+        if table.key != data["key"]:
+            raise bad("its key does not match its fingerprint/target/model (edited by hand?)")
+        return table
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        """Read and validate a table; any defect raises ``LatencyTableError``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LatencyTableError(f"latency table {path} cannot be read ({e}); delete it to re-measure") from e
+        return cls.from_json(data, str(path))
+
+
+def find_table(directory: str | Path, target: Target, model_signature: str) -> LatencyTable | None:
+    """The stored table for this target and model, or None when there is none or it is stale.
+
+    A corrupt file raises (``LatencyTableError``) rather than being silently re-measured over,
+    so a broken cache is noticed.
+    """
+    path = table_path(directory, target, model_signature)
+    if not path.exists():
+        return None
+    table = LatencyTable.load(path)
+    if table.stale_reason(target.fingerprint(), target.settings(), model_signature) is not None:
+        return None
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# measuring a plan: one region per group signature, at every width on its grid
+
+
+def keep_first(count: int, width: int) -> torch.Tensor:
+    """A keep mask of ``width`` structures out of ``count``. Which ones does not change a latency."""
+    if not 1 <= width <= count:
+        raise PlanError(f"kept width {width} is outside 1..{count}")
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[:width] = True
+    return mask
+
+
+def _owning_paths(group: StructureGroup) -> list[str]:
+    """Module paths from the smallest one holding every tensor the group touches up to the root."""
+    fqns = [s.target for s in group.slices()] + [c.weight for c in group.consumers]
+    common = os.path.commonprefix([f.split(".")[:-1] for f in fqns])
+    return [".".join(common[:i]) for i in range(len(common), -1, -1)]
+
+
+@dataclass
+class _Region:
+    """A group's region: a submodule of the unflattened program, its recorded inputs, its plan."""
+
+    path: str
+    module: torch.nn.Module
+    inputs: tuple[torch.Tensor, ...]
+    plan: StructurePlan
+    group: StructureGroup  # the group in ``plan`` (names relative to ``path``)
+    signature: str
+
+
+def _record_inputs(root: torch.nn.Module, paths: set[str], example_inputs: tuple) -> dict[str, list]:
+    """Positional inputs of every call of the given submodules during one forward."""
+    calls: dict[str, list] = {p: [] for p in paths}
+    handles = []
+    for path in paths:
+        def hook(module, args, kwargs, path=path):
+            calls[path].append((args, kwargs))
+
+        handles.append(root.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            root(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _find_region(group: StructureGroup, root: torch.nn.Module, calls: Mapping[str, list]) -> _Region:
+    """The smallest submodule, called once with tensor inputs, whose own plan has this group."""
+    from osscar_export.passes.structures import find_structures
+
+    producers = {s.target for s in group.producers}
+    tried = []
+    for path in _owning_paths(group):
+        recorded = calls.get(path, [])
+        if len(recorded) != 1:
+            tried.append(f"{path or '<root>'}: called {len(recorded)} times")
+            continue
+        args, kwargs = recorded[0]
+        if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+            tried.append(f"{path or '<root>'}: inputs are not plain tensors")
+            continue
+        module = root.get_submodule(path)
+        prefix = f"{path}." if path else ""
+        sub_plan = find_structures(module, tuple(args))
+        for g in sub_plan.groups:
+            if g.count == group.count and {prefix + s.target for s in g.producers} == producers:
+                sig = _digest({"graph": graph_signature(sub_plan.program), "group": g.name, "kind": g.kind})[:24]
+                return _Region(path, module, tuple(args), sub_plan, g, sig)
+        tried.append(f"{path or '<root>'}: its plan has no group with the same producers")
+    raise PlanError(f"no region to measure group {group.name!r} in: {'; '.join(tried)}")
+
+
+def measure_latency(
+    plan: StructurePlan,
+    target: Target,
+    widths: Mapping[str, Sequence[int]] | None = None,
+    *,
+    settings: MeasureSettings = MeasureSettings(),
+    cache_dir: str | Path | None = "latency_tables",
+    log: Callable[[str], None] = lambda msg: None,
+) -> LatencyTable:
+    """The latency table of ``plan`` on ``target``; re-used from ``cache_dir`` when it matches.
+
+    Each group's region is the smallest submodule of the captured model that holds all its
+    producers, followers and consumers (e.g. ``model.layers.0.mlp``). It is re-captured with the
+    inputs it saw in one forward, materialized at each kept width (the other groups inside it
+    stay whole), compiled by the target and timed. Groups whose regions have equal signatures
+    (identical layers) are measured once. ``base_ms = dense_ms - sum_g t_g(full)`` takes the rest
+    of the model; it also absorbs the per-call overhead every region timing carries, so it can be
+    smaller than the true time of the non-prunable ops. Predictions are unaffected: per-region
+    constants cancel in ``base + sum_g t_g(k_g)``.
+    """
+    from osscar_export.passes.materialize import materialize
+
+    target = target.for_inputs(plan.example_inputs)
+    grid = {g.name: sorted(set(widths[g.name])) if widths and g.name in widths else width_grid(g) for g in plan.groups}
+    for g in plan.groups:
+        if not grid[g.name] or grid[g.name][0] < 1 or grid[g.name][-1] > g.count:
+            raise PlanError(f"widths for {g.name!r} must lie in 1..{g.count}, got {grid[g.name]}")
+        if g.count not in grid[g.name]:
+            grid[g.name].append(g.count)  # full width anchors base_ms
+    model_sig = graph_signature(plan.program)
+    fingerprint = target.fingerprint()
+    if cache_dir is not None:
+        cached = find_table(cache_dir, target, model_sig)
+        if cached is not None and set(cached.groups) == set(grid) and all(
+            set(grid[g]) <= set(cached.widths(g)) for g in grid
+        ):
+            log(f"latency table re-used: {table_path(cache_dir, target, model_sig)}")
+            return cached
+
+    root = torch.export.unflatten(plan.program)
+    paths = {p for g in plan.groups for p in _owning_paths(g)} - {""}
+    calls = {"": [(tuple(plan.example_inputs), {})], **_record_inputs(root, paths, tuple(plan.example_inputs))}
+    noisy: list[str] = []
+    groups: dict[str, str] = {}
+    times: dict[str, dict[int, float]] = {}
+    for g in plan.groups:
+        region = _find_region(g, root, calls)
+        groups[g.name] = region.signature
+        curve = times.setdefault(region.signature, {})
+        todo = [k for k in grid[g.name] if k not in curve]
+        if todo:
+            log(f"measuring {g.name} in {region.path or '<root>'} at {len(todo)} widths")
+        for k in todo:
+            if k == region.group.count:
+                module = region.plan.program.module()
+            else:
+                keep = {region.group.name: keep_first(region.group.count, k)}
+                module = materialize(region.module, region.plan, keep)
+            timing = measure(target.compile(module, region.inputs), region.inputs, settings)
+            curve[k] = timing.ms
+            if timing.noisy:
+                noisy.append(f"{region.signature}@{k}")
+    dense = measure(target.compile(plan.program, plan.example_inputs), plan.example_inputs, settings)
+    if dense.noisy:
+        noisy.append("dense")
+    full = sum(times[groups[g.name]][g.count] for g in plan.groups)
+    table = LatencyTable(
+        fingerprint=fingerprint, target=target.settings(), model_signature=model_sig,
+        measurement=asdict(settings), dense_ms=dense.ms, base_ms=dense.ms - full,
+        groups=groups, times=times, noisy=noisy,
+    )
+    if cache_dir is not None:
+        path = table.save(table_path(cache_dir, target, model_sig))
+        log(f"latency table saved: {path}")
+    return table

@@ -1,0 +1,337 @@
+"""Calibrate: accumulate every consumer's input Gram matrix ``XᵀX`` over calibration batches.
+
+The captured graph (``plan.program.module()``, a GraphModule whose node names are those of
+``plan.program.graph``) is run node by node by ``GraphRunner``, so a forward can stop right after
+the last input it needs and resume later from a saved set of live values. That gives both modes
+of DESIGN.md §5 at the cost of about one forward each:
+
+* **dense**: one pass, every consumer sees the unpruned model (error curves, parallel solves);
+* **sequential**: ``SequentialCalibrator`` serves one group at a time in graph order; between
+  stages the caller writes the group's re-fitted weights into the same GraphModule in place, and
+  the next stage resumes from the activations saved just before that group's first consumer, so
+  later consumers see the already-pruned model (the OSSCAR reference protocol).
+
+Only Gram matrices are kept (float32 per batch, summed in float64); activations are held only as
+the live values of a saved state in sequential mode. Rows follow ``Consumer.input_major``:
+Linear/matmul features, Conv input channels unfolded channel-major (``c·kh·kw + a·kw + b``).
+Grams are keyed by the consumer's weight FQN; a weight used by several nodes sums their Grams,
+which is exactly its layer problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
+from torch.fx.operator_schemas import normalize_function
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
+
+from osscar_export.errors import CalibrationDataError, PlanError
+from osscar_export.passes.base import Pass, PassResult
+from osscar_export.plan import Consumer, StructureGroup, StructurePlan
+
+# The activation operand and the weight operand of each consumer op, by schema argument name.
+_OPERANDS: dict[str, tuple[str, str]] = {
+    "aten.linear.default": ("input", "weight"),
+    "aten.conv1d.default": ("input", "weight"),
+    "aten.conv1d.padding": ("input", "weight"),
+    "aten.conv2d.default": ("input", "weight"),
+    "aten.conv2d.padding": ("input", "weight"),
+    "aten.addmm.default": ("mat1", "mat2"),
+    "aten.mm.default": ("self", "mat2"),
+    "aten.matmul.default": ("self", "other"),
+}
+
+
+@dataclass(frozen=True)
+class ConsumerInput:
+    """How to turn one consumer node's activation into rows of ``X`` (``N x p``)."""
+
+    weight: str
+    node: str
+    operand: str
+    kernel: tuple[int, ...] = ()  # conv only (1-d convs as (1, k))
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # left, right, top, bottom
+    dilation: tuple[int, int] = (1, 1)
+    features: int = 0  # p
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The activation as ``X`` (float32, one row per token or conv patch)."""
+        x = x.detach()
+        if not self.kernel:
+            if x.shape[-1] != self.features:
+                raise PlanError(f"consumer {self.node} ({self.weight}) got {x.shape[-1]} input features, weight has {self.features}")
+            return x.reshape(-1, self.features).float()
+        if x.dim() == 3:  # conv1d: (B, C, L) -> (B, C, 1, L)
+            x = x.unsqueeze(2)
+        if any(self.padding):
+            x = F.pad(x, self.padding)
+        patches = F.unfold(x.float(), self.kernel, dilation=self.dilation, stride=self.stride)  # (B, C*kh*kw, L)
+        if patches.shape[1] != self.features:
+            raise PlanError(f"consumer {self.node} ({self.weight}) unfolds to {patches.shape[1]} rows, weight has {self.features}")
+        return patches.transpose(1, 2).reshape(-1, self.features)
+
+
+@dataclass
+class Grams:
+    """``XᵀX`` per consumer weight FQN (float64, ``p x p``, rows as ``Consumer.input_major``)."""
+
+    xtx: dict[str, torch.Tensor]
+    rows: dict[str, int]  # calibration rows (tokens / patches) accumulated per weight
+    blocked: list[tuple[str, str]] = field(default_factory=list)  # (group name, reason)
+
+
+def consumer_input(plan: StructurePlan, gm: GraphModule, consumer: Consumer) -> ConsumerInput:
+    """Read a consumer node's op and conv geometry from the graph; PlanError if it can't be re-fit."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    node = nodes.get(consumer.node)
+    if node is None or node.op != "call_function":
+        raise PlanError(f"consumer node {consumer.node!r} ({consumer.weight}) is not an op in the captured graph")
+    op = str(node.target)
+    if op not in _OPERANDS:
+        raise PlanError(f"consumer {consumer.node} is {op}; re-fitting supports {sorted(_OPERANDS)}")
+    operand, weight_arg = _OPERANDS[op]
+    kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+    w = kwargs[weight_arg]
+    if not (isinstance(w, Node) and w.op == "get_attr" and w.target == consumer.weight):
+        raise PlanError(f"consumer {consumer.node}: its weight operand is not the parameter {consumer.weight}")
+    weight = gm.get_parameter(consumer.weight)
+    if "conv" not in op:
+        features = weight.shape[0] if consumer.op == "matmul" else weight.shape[1]
+        return ConsumerInput(consumer.weight, consumer.node, operand, features=int(features))
+    if kwargs["groups"] != 1:
+        raise PlanError(f"consumer {consumer.node} is a grouped conv (groups={kwargs['groups']}): its input rows do not form one least-squares problem")
+    kernel = tuple(weight.shape[2:])
+    spatial = len(kernel)
+    stride, dilation = _pair(kwargs["stride"], spatial), _pair(kwargs["dilation"], spatial)
+    if spatial == 1:
+        kernel = (1, kernel[0])
+    padding = _padding(kwargs["padding"], kernel, dilation, spatial)
+    return ConsumerInput(
+        consumer.weight, consumer.node, operand, kernel=kernel, stride=stride, padding=padding,
+        dilation=dilation, features=int(weight.shape[1] * math.prod(kernel)),
+    )
+
+
+def _pair(value: int | Sequence[int], spatial: int) -> tuple[int, int]:
+    v = [value] * spatial if isinstance(value, int) else list(value)
+    v = v * spatial if len(v) == 1 else v
+    return (1, v[0]) if spatial == 1 else (v[0], v[1])
+
+
+def _padding(value: str | int | Sequence[int], kernel: tuple[int, int], dilation: tuple[int, int], spatial: int) -> tuple[int, int, int, int]:
+    """F.pad order (left, right, top, bottom); 'same' splits odd totals like PyTorch (extra right)."""
+    if value == "valid":
+        return (0, 0, 0, 0)
+    if value == "same":
+        (th, tw) = (dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1))
+        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+    ph, pw = _pair(value, spatial)
+    return (pw, pw, ph, ph)
+
+
+def blocked_groups(plan: StructurePlan, gm: GraphModule) -> list[tuple[str, str]]:
+    """Groups calibrate cannot serve, with the reason (no re-fittable consumer, grouped conv, ...)."""
+    blocked = []
+    for group in plan.groups:
+        full = [c for c in group.consumers if c.full]
+        if not full:
+            blocked.append((group.name, "no consumer owns all its input rows, so nothing can be re-fit"))
+            continue
+        for c in full:
+            try:
+                consumer_input(plan, gm, c)
+            except PlanError as err:
+                blocked.append((group.name, str(err)))
+                break
+    return blocked
+
+
+@dataclass
+class RunState:
+    """A paused forward: the next node position and the values still needed after it."""
+
+    pos: int
+    env: dict[Node, object]
+
+
+class GraphRunner:
+    """Runs a GraphModule node by node; a forward can stop anywhere and resume from a RunState.
+
+    The module's parameters are read when their get_attr node runs, so weights changed in place
+    between stages are seen by every node that runs afterwards.
+    """
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.pos = {n.name: i for i, n in enumerate(self.nodes)}
+        self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        last_use: dict[Node, int] = {}
+        for i, n in enumerate(self.nodes):
+            for arg in n.all_input_nodes:
+                last_use[arg] = i
+        self.free_after: list[list[Node]] = [[] for _ in self.nodes]
+        for n, i in last_use.items():
+            self.free_after[i].append(n)
+        self.interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
+        mutating = [n.name for n in self.nodes if n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
+        if mutating:
+            raise PlanError(f"the captured graph mutates tensors in place ({', '.join(mutating[:5])}); calibrate needs a functional graph")
+
+    def start(self, inputs: Sequence[torch.Tensor]) -> RunState:
+        flat = pytree.tree_leaves(tuple(inputs))
+        if len(flat) != len(self.placeholders):
+            raise CalibrationDataError(f"a calibration batch has {len(flat)} tensors, the model takes {len(self.placeholders)}")
+        return RunState(0, dict(zip(self.placeholders, flat)))
+
+    def advance(self, state: RunState, stop: int, visit: Callable[[Node, dict], None] | None = None) -> RunState:
+        """Run nodes ``state.pos .. stop-1`` in place on ``state``; ``visit`` sees each before it runs."""
+        self.interpreter.env = state.env
+        with torch.no_grad():
+            for i in range(state.pos, min(stop, len(self.nodes))):
+                node = self.nodes[i]
+                if node.op == "output":
+                    break
+                if node.op != "placeholder":
+                    if visit is not None:
+                        visit(node, state.env)
+                    state.env[node] = self.interpreter.run_node(node)
+                for dead in self.free_after[i]:
+                    state.env.pop(dead, None)
+        state.pos = stop
+        return state
+
+
+class _Accumulator:
+    """Adds each visited consumer's ``XᵀX`` into float64 sums keyed by weight FQN."""
+
+    def __init__(self, inputs: Iterable[ConsumerInput]):
+        self.by_node = {ci.node: ci for ci in inputs}
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+
+    def __call__(self, node: Node, env: dict) -> None:
+        ci = self.by_node.get(node.name)
+        if ci is None:
+            return
+        kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+        x = ci.rows(env[kwargs[ci.operand]])
+        gram = (x.T @ x).double()
+        if ci.weight in self.xtx:
+            self.xtx[ci.weight] += gram
+        else:
+            self.xtx[ci.weight] = gram
+        self.rows[ci.weight] = self.rows.get(ci.weight, 0) + x.shape[0]
+
+
+def full_consumer_inputs(plan: StructurePlan, gm: GraphModule, groups: Iterable[StructureGroup]) -> list[ConsumerInput]:
+    return [consumer_input(plan, gm, c) for g in groups for c in g.consumers if c.full]
+
+
+def check_batches(plan: StructurePlan, batches: Iterable) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration as a list of input tuples; CalibrationDataError if empty, mis-shaped or not finite.
+
+    Each batch must match the captured program's inputs: same count, dtype and rank, and every
+    dimension that was not exported as dynamic must have the exported size.
+    """
+    specs = [n.meta["val"] for n in plan.program.graph.nodes if n.op == "placeholder" and n.name in plan.program.graph_signature.user_inputs]
+    out = []
+    for i, batch in enumerate(batches):
+        if isinstance(batch, torch.Tensor):
+            batch = (batch,)
+        elif isinstance(batch, (tuple, list)):
+            batch = tuple(batch)
+        else:
+            raise CalibrationDataError(f"calibration batch {i} is {type(batch).__name__}, expected a tensor or a tuple of tensors")
+        if len(batch) != len(specs):
+            raise CalibrationDataError(f"calibration batch {i} has {len(batch)} inputs, the model takes {len(specs)}")
+        for j, (x, spec) in enumerate(zip(batch, specs)):
+            if not isinstance(x, torch.Tensor):
+                raise CalibrationDataError(f"calibration batch {i} input {j} is {type(x).__name__}, expected a tensor")
+            if x.dtype != spec.dtype:
+                raise CalibrationDataError(f"calibration batch {i} input {j} has dtype {x.dtype}, the model was captured with {spec.dtype}")
+            static = [d if isinstance(d, int) else None for d in spec.shape]
+            if x.dim() != len(static) or any(s is not None and s != d for s, d in zip(static, x.shape)):
+                want = "(" + ", ".join("*" if s is None else str(s) for s in static) + ")"
+                raise CalibrationDataError(f"calibration batch {i} input {j} has shape {tuple(x.shape)}, the model takes {want}")
+            if x.is_floating_point() and not torch.isfinite(x).all():
+                raise CalibrationDataError(f"calibration batch {i} input {j} contains NaN or Inf")
+        out.append(batch)
+    if not out:
+        raise CalibrationDataError("calibration data is empty: pass at least one batch of real inputs")
+    return out
+
+
+def dense_grams(plan: StructurePlan, gm: GraphModule, batches: Sequence[tuple], groups: Sequence[StructureGroup], progress: bool = True) -> Grams:
+    """Every full consumer's Gram from one pass of the unpruned model, stopping after the last one."""
+    inputs = full_consumer_inputs(plan, gm, groups)
+    runner = GraphRunner(gm)
+    stop = max((runner.pos[ci.node] for ci in inputs), default=-1) + 1
+    acc = _Accumulator(inputs)
+    for batch in tqdm(batches, desc="calibrate (dense)", disable=not progress or len(batches) < 2, leave=False):
+        runner.advance(runner.start(batch), stop, acc)
+    return Grams(acc.xtx, acc.rows)
+
+
+class SequentialCalibrator:
+    """Serves groups in graph order, each from the model as already pruned by the caller.
+
+    ``order`` sorts groups by their first consumer node. ``stage(group)`` resumes every batch
+    from the state saved at the previous stage, saves a new state just before this group's first
+    consumer and stops after its last full consumer. The caller must process groups in ``order``
+    and write each group's weights into ``gm`` (in place) before the next stage.
+    """
+
+    def __init__(self, plan: StructurePlan, gm: GraphModule, batches: Sequence[tuple]):
+        self.plan, self.gm = plan, gm
+        self.runner = GraphRunner(gm)
+        self.states = [self.runner.start(b) for b in batches]
+
+    def order(self, groups: Iterable[StructureGroup]) -> list[StructureGroup]:
+        return sorted(groups, key=self._first)
+
+    def _first(self, group: StructureGroup) -> int:
+        return min(self.runner.pos[c.node] for c in group.consumers)
+
+    def stage(self, group: StructureGroup) -> Grams:
+        first = self._first(group)
+        inputs = full_consumer_inputs(self.plan, self.gm, [group])
+        stop = max(self.runner.pos[ci.node] for ci in inputs) + 1
+        if any(s.pos > first for s in self.states):
+            raise PlanError(f"group {group.name} comes before an earlier stage's first consumer: call stage() in order()")
+        acc = _Accumulator(inputs)
+        for k, state in enumerate(self.states):
+            self.runner.advance(state, first)
+            self.states[k] = RunState(first, dict(state.env))
+            self.runner.advance(state, stop, acc)
+        return Grams(acc.xtx, acc.rows)
+
+
+class Calibrate(Pass[Grams]):
+    """The dense calibrate pass: plan + calibration batches -> Gram matrices of every solvable group."""
+
+    name = "calibrate"
+
+    def requires(self, plan: StructurePlan, batches: Iterable, progress: bool = True) -> None:
+        if not plan.groups:
+            raise PlanError("the structure plan has no groups: nothing to calibrate")
+
+    def run(self, plan: StructurePlan, batches: Iterable, progress: bool = True) -> PassResult[Grams]:
+        gm = plan.program.module()
+        blocked = blocked_groups(plan, gm)
+        skip = {name for name, _ in blocked}
+        grams = dense_grams(plan, gm, check_batches(plan, batches), [g for g in plan.groups if g.name not in skip], progress)
+        grams.blocked = blocked
+        return PassResult(grams, changed=False)
+
+    def ensures(self, result: PassResult[Grams], plan: StructurePlan, batches: Iterable, progress: bool = True) -> None:
+        for fqn, h in result.value.xtx.items():
+            if not torch.isfinite(h).all():
+                raise CalibrationDataError(f"the Gram matrix of {fqn} is not finite: calibration activations overflow")

@@ -1,0 +1,222 @@
+"""The main job: model + latency budget → a smaller model that meets it, with the evidence.
+
+capture → structures → calibrate → error curves → latency table → allocate → sequential OSSCAR
+→ materialize → export → measure → report (DESIGN.md §2). Expensive intermediate results (Gram
+matrices, error curves, latency tables) are cached on disk keyed by what they depend on, so an
+interrupted run resumes where it stopped; every artifact is written atomically and the output
+folder appears only when the whole job has succeeded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osscar_export import __version__
+from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
+from osscar_export.atomic import atomic_dir, atomic_path
+from osscar_export.errors import OsscarError
+from osscar_export.export import export_onnx, save_program
+from osscar_export.latency import LatencyTable, measure, measure_latency
+from osscar_export.models import LoadedModel, cache_dir, load_model
+from osscar_export.passes.calibrate import Calibrate, Grams
+from osscar_export.passes.structures import find_structures
+from osscar_export.plan import StructurePlan
+from osscar_export.prune import PruneResult, error_curves, prune
+from osscar_export.report import write_report
+from osscar_export.targets import Target, get_target
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything one run of ``osscar-export MODEL`` depends on."""
+
+    model: str
+    latency_ms: tuple[float, ...] = ()
+    speedup: tuple[float, ...] = ()
+    target: str = "ort-cpu"
+    threads: int = 1
+    calib: str | None = None
+    n_calib: int = 32
+    seq_len: int = 128
+    batch: int = 1
+    image_size: int | None = None
+    method: str = "osscar"
+    mode: str = "sequential"
+    levels: int = 16  # error-curve points per group
+    n_eval: int = 16
+    out: Path = Path("out")
+    force: bool = False
+    tables: Path = Path("latency_tables")
+    seed: int = 0
+
+
+@dataclass
+class Outcome:
+    """One pruned model of the family: its budget, allocation, measurements and quality."""
+
+    label: str
+    budget_ms: float
+    allocation: Allocation
+    result: PruneResult
+    measured_ms: float
+    noisy: bool
+    quality: dict[str, float]
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def check_output_dir(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty output folder (or a file in its place) unless forced."""
+    if out.exists() and not out.is_dir():
+        raise OsscarError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise OsscarError(f"--out {out} already holds files; pass --force to replace them or choose another folder")
+
+
+def _cached_grams(plan: StructurePlan, calibration: list[tuple], work: Path, log: Log) -> Grams:
+    """Dense Gram matrices, re-used from ``work`` when the graph and calibration data match."""
+    key = _digest(plan.program.graph_module.code, *(t for b in calibration for t in b))
+    path = work / f"grams-{key}.pt"
+    if path.exists():
+        log(f"re-using Gram matrices from {path}")
+        saved = torch.load(path, weights_only=True)
+        return Grams(saved["xtx"], saved["rows"], [tuple(b) for b in saved["blocked"]])
+    grams = Calibrate()(plan, calibration).value
+    with atomic_path(path) as tmp:
+        torch.save({"xtx": grams.xtx, "rows": grams.rows, "blocked": [list(b) for b in grams.blocked]}, tmp)
+    return grams
+
+
+def evaluate_quality(loaded: LoadedModel, model: torch.nn.Module, dense: torch.nn.Module, n_eval: int) -> dict[str, float]:
+    """The task's quality metric on held-out real data (never the calibration data)."""
+    from osscar_export import data, evaluate
+
+    if loaded.task == "causal-lm":
+        seq = loaded.example_inputs[0].shape[1]
+        windows = data.eval_text_windows("wiki-summaries", loaded.tokenizer, seq, n_eval, loaded.example_inputs[0].shape[0])
+        return {"perplexity": evaluate.perplexity(model, windows), "perplexity_dense": evaluate.perplexity(dense, windows)}
+    if loaded.task == "encoder":
+        seq = loaded.example_inputs[0].shape[1]
+        texts = data.sentences("wiki-summaries", n_eval * loaded.example_inputs[0].shape[0], seed=1, split="eval")
+        batches = data.encode_sentences(loaded.tokenizer, texts, seq, loaded.example_inputs[0].shape[0])
+        return {"embedding_cosine": evaluate.embedding_similarity(model, dense, batches)}
+    if loaded.task == "image-classification" and loaded.preprocess is not None:
+        images = data.natural_images("heldout", loaded.preprocess, n_eval, seed=1, batch=loaded.example_inputs[0].shape[0])
+        return evaluate.classification_metrics(model, dense, images)
+    return {}
+
+
+def _budgets(cfg: JobConfig, table: LatencyTable) -> list[tuple[str, float]]:
+    budgets = [(f"{ms:g}ms", float(ms)) for ms in cfg.latency_ms]
+    budgets += [(f"{s:g}x", table.dense_ms / s) for s in cfg.speedup]
+    if not budgets:
+        raise OsscarError("give a budget: --latency-ms X [Y ...] or --speedup S [T ...]")
+    return budgets
+
+
+def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
+    """Run the whole job; the output folder appears only if every step succeeded."""
+    check_output_dir(cfg.out, cfg.force)
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    target: Target = get_target(cfg.target, threads=cfg.threads)
+
+    log(f"loading {cfg.model}")
+    loaded = load_model(cfg.model, seq_len=cfg.seq_len, batch=cfg.batch, image_size=cfg.image_size)
+    log("capturing the graph and finding structures")
+    plan = find_structures(loaded.model, loaded.example_inputs)
+    log(f"{len(plan.groups)} groups, {plan.structures} structures, {len(plan.blocked)} dims blocked")
+    if not plan.groups:
+        raise OsscarError(f"{cfg.model}: no prunable structures found; run `osscar-export inspect {cfg.model}` to see why")
+
+    from osscar_export.data import load_calibration
+
+    calibration = load_calibration(cfg.calib, loaded, cfg.n_calib, cfg.seed)
+    work = cache_dir() / "runs" / _digest(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, cfg.n_calib, cfg.seed)
+    work.mkdir(parents=True, exist_ok=True)
+    log(f"calibrating on {len(calibration)} batches (cache: {work})")
+    grams = _cached_grams(plan, calibration, work, log)
+    levels = [i / cfg.levels for i in range(1, cfg.levels + 1)]
+    curves = error_curves(plan, grams, levels, cache_dir=work / "curves")
+
+    log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s))")
+    table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, cache_dir=cfg.tables, log=log)
+    fastest = min_latency_ms(curves, table)
+    log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
+
+    budgets = _budgets(cfg, table)
+    allocations = [(label, ms, allocate(curves, table, ms)) for label, ms in budgets]
+    explored = tradeoff(curves, table, points=24)
+
+    dense_module = plan.program.module()
+    compiled_target = target.for_inputs(loaded.example_inputs)
+    outcomes: list[Outcome] = []
+    with atomic_dir(cfg.out) as staging:
+        for label, budget, alloc in allocations:
+            folder = staging if len(allocations) == 1 else staging / label
+            folder.mkdir(parents=True, exist_ok=True)
+            log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
+            result = prune(None, calibration, method=cfg.method, mode=cfg.mode, plan=plan, keep_counts=alloc.widths)
+            onnx_report = export_onnx(result.model, loaded.example_inputs, folder / "model.onnx")
+            pt2_report = save_program(result.model, loaded.example_inputs, folder / "model.pt2")
+            timing = measure(compiled_target.compile(folder / "model.onnx", loaded.example_inputs), loaded.example_inputs)
+            quality = evaluate_quality(loaded, result.model, dense_module, cfg.n_eval)
+            outcome = Outcome(label, budget, alloc, result, timing.ms, timing.noisy, quality,
+                              {"onnx": onnx_report, "pt2": pt2_report})
+            log(f"[{label}] measured {timing.ms:.2f} ms vs budget {budget:.2f} ms; {quality}")
+            outcomes.append(outcome)
+        write_report(staging, cfg=cfg, loaded=loaded, plan=plan, table=table, target=compiled_target,
+                     curves=curves, explored=explored, outcomes=outcomes,
+                     environment=_environment(), seconds=time.perf_counter() - t_start)
+    log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s")
+    return outcomes
+
+
+def _environment() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {
+        "osscar_export": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def parse_budgets(values: Sequence[str] | None) -> tuple[float, ...]:
+    """Positive floats from the command line, with a specific error for anything else."""
+    out = []
+    for v in values or ():
+        try:
+            x = float(v)
+        except ValueError:
+            raise OsscarError(f"budget {v!r} is not a number") from None
+        if not x > 0:
+            raise OsscarError(f"budget {v!r} must be positive")
+        out.append(x)
+    return tuple(out)

@@ -1,0 +1,124 @@
+"""The job's evidence: report.json (machine-readable), report.md (for people), tradeoff.png."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from osscar_export.atomic import atomic_path, write_text  # noqa: E402
+
+if TYPE_CHECKING:
+    from osscar_export.allocate import Allocation
+    from osscar_export.latency import LatencyTable
+    from osscar_export.models import LoadedModel
+    from osscar_export.pipeline import JobConfig, Outcome
+    from osscar_export.plan import StructurePlan
+    from osscar_export.targets import Target
+
+
+def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", cfg: "JobConfig",
+                 target: "Target", environment: Mapping[str, str]) -> dict[str, Any]:
+    """One model's report: the budget, the three latencies, per-group decisions and quality."""
+    groups = []
+    for g in plan.groups:
+        width = o.allocation.widths.get(g.name, g.count)
+        groups.append({
+            "name": g.name,
+            "kind": g.kind,
+            "count": g.count,
+            "kept": int(o.result.keep[g.name].sum()) if g.name in o.result.keep else width,
+            "allocated": width,
+            "predicted_ms": table.ms(g.name, width) if g.name in table.groups else None,
+            "layer_loss": {c.weight: o.result.layer_losses.get(c.weight) for c in g.consumers},
+        })
+    parity = {k: {"max_abs_diff": r.max_abs_diff, "runtime": r.runtime} for k, r in o.artifacts.items()}
+    return {
+        "model": cfg.model,
+        "budget_ms": o.budget_ms,
+        "dense_ms": table.dense_ms,
+        "predicted_ms": o.allocation.predicted_ms,
+        "measured_ms": o.measured_ms,
+        "measurement_noisy": o.noisy,
+        "meets_budget": o.measured_ms <= o.budget_ms,
+        "prediction_error": (o.allocation.predicted_ms - o.measured_ms) / o.measured_ms,
+        "quality": o.quality,
+        "method": cfg.method,
+        "mode": cfg.mode,
+        "calibration": {"source": cfg.calib or "default", "samples": cfg.n_calib, "seed": cfg.seed},
+        "target": target.settings(),
+        "groups": groups,
+        "blocked": [list(b) for b in plan.blocked],
+        "parity": parity,
+        "prune_seconds": o.result.seconds,
+        "versions": dict(environment),
+    }
+
+
+def _markdown(r: Mapping[str, Any], label: str) -> str:
+    lines = [
+        f"# osscar-export: {r['model']} ({label})",
+        "",
+        "| | ms |",
+        "|---|---|",
+        f"| budget | {r['budget_ms']:.3f} |",
+        f"| dense (table) | {r['dense_ms']:.3f} |",
+        f"| predicted | {r['predicted_ms']:.3f} |",
+        f"| measured | {r['measured_ms']:.3f}{' (noisy)' if r['measurement_noisy'] else ''} |",
+        "",
+        f"Budget {'met' if r['meets_budget'] else 'MISSED'}; prediction error {100 * r['prediction_error']:+.1f}%.",
+        f"Method {r['method']} ({r['mode']}), target {r['target']['name']} with {r['target']['threads']} thread(s).",
+        "",
+        "Quality (held-out data): " + ", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()),
+        "",
+        "| group | kind | kept / total |",
+        "|---|---|---|",
+        *(f"| {g['name']} | {g['kind']} | {g['kept']} / {g['count']} |" for g in r["groups"]),
+        "",
+        f"Blocked dims: {len(r['blocked'])}. Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_tradeoff(path: Path, explored: Sequence["Allocation"], chosen: Sequence[tuple[str, "Allocation"]], dense_ms: float) -> None:
+    """Predicted latency vs summed normalised loss of every allocation explored, chosen points marked."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([a.predicted_ms for a in explored], [a.loss for a in explored], "o-", ms=3, color="tab:blue", label="allocations explored")
+    for label, a in chosen:
+        ax.plot([a.predicted_ms], [a.loss], "*", ms=14, color="tab:red")
+        ax.annotate(label, (a.predicted_ms, a.loss), textcoords="offset points", xytext=(6, 6))
+    ax.axvline(dense_ms, ls="--", color="gray", label=f"dense {dense_ms:.2f} ms")
+    ax.set_xlabel("predicted latency (ms)")
+    ax.set_ylabel("summed normalised layer loss")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(folder: Path, *, cfg: "JobConfig", loaded: "LoadedModel", plan: "StructurePlan", table: "LatencyTable",
+                 target: "Target", curves: Mapping[str, Any], explored: Sequence["Allocation"],
+                 outcomes: Sequence["Outcome"], environment: Mapping[str, str], seconds: float) -> None:
+    """Write report.json / report.md per model and tradeoff.png (plus a family summary) into ``folder``."""
+    reports = []
+    for o in outcomes:
+        sub = folder if len(outcomes) == 1 else folder / o.label
+        r = outcome_json(o, table=table, plan=plan, cfg=cfg, target=target, environment=environment)
+        r["job_seconds"] = seconds
+        write_text(sub / "report.json", json.dumps(r, indent=2))
+        write_text(sub / "report.md", _markdown(r, o.label))
+        reports.append((o.label, r))
+    plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
+    if len(outcomes) > 1:
+        summary = {"model": cfg.model, "job_seconds": seconds, "models": {label: {k: r[k] for k in
+                   ("budget_ms", "dense_ms", "predicted_ms", "measured_ms", "meets_budget", "quality")} for label, r in reports}}
+        write_text(folder / "report.json", json.dumps(summary, indent=2))
+        write_text(folder / "report.md", "\n".join(_markdown(r, label) for label, r in reports))

