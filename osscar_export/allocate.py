@@ -1,7 +1,8 @@
 """Allocate: one kept width per group, least total loss within a latency budget (DESIGN.md §7).
 
 A multiple-choice knapsack solved by dynamic programming over a discretised time axis, as SPDY
-does: ``minimise sum_g e_g(k_g)  s.t.  base + sum_g t_g(k_g) <= budget``.
+does: ``minimise sum_g e_g(k_g)  s.t.  base + scale * sum_g t_g(k_g) <= budget`` (the table's
+calibrated additive model; times below are already multiplied by ``scale``).
 
 Loss normalisation: each group's curve is divided by its largest loss (for a monotone curve, the
 loss at its smallest candidate width), so every curve spans [0, 1]. Raw layer objectives are in the units of each
@@ -78,14 +79,14 @@ def _options(curves: Curves, table: LatencyTable) -> tuple[list[_Options], float
         order = np.argsort(-widths, kind="stable")
         widths, losses = widths[order], losses[order]
         scale = float(np.abs(losses).max()) or 1.0
-        ms = np.array([table.ms(name, int(w)) for w in widths])
+        ms = table.scale * np.array([table.ms(name, int(w)) for w in widths])
         options.append(_Options(name, widths, ms, losses / scale))
-    fixed = table.base_ms + sum(table.ms(g, table.full_width(g)) for g in table.groups if g not in curves)
+    fixed = table.base_ms + table.scale * sum(table.ms(g, table.full_width(g)) for g in table.groups if g not in curves)
     return options, fixed
 
 
 def min_latency_ms(curves: Curves, table: LatencyTable) -> float:
-    """The fastest configuration the curves allow: base + fixed groups + sum_g min_k t_g(k)."""
+    """The fastest configuration the curves allow: base + scale * (fixed groups + sum_g min_k t_g(k))."""
     options, fixed = _options(curves, table)
     return fixed + sum(float(o.ms.min()) for o in options)
 

@@ -2,8 +2,8 @@
 
 Every loader returns a list of input tuples, so ``for batch in data: model(*batch)`` works.
 Calibration and evaluation never share data:
-- built-in text corpora are split by document: every 5th document (index % 5 == 0, in the
-  corpus' stable order) is evaluation, the rest calibration;
+- built-in text corpora are split by document: every 5th distinct document (index % 5 == 0,
+  in the corpus' stable order, duplicates dropped) is evaluation, the rest calibration;
 - scikit-image colour photos: SKIMAGE_CALIB for calibration, SKIMAGE_HELDOUT for evaluation;
 - the foolbox ImageNet photos are evaluation only (load_calibration refuses them).
 User files and folders are used whole: keeping them apart is the user's choice of paths.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import re
 from pathlib import Path
@@ -57,10 +58,13 @@ def _read_text(path: Path) -> str:
 
 
 def _split(docs: list[str], split: str) -> list[str]:
+    """Every EVAL_EVERY-th distinct document is held out. Duplicates go first: BBC News repeats
+    some articles under several file names, which would leak evaluation text into calibration."""
     if split not in ("calib", "eval"):
         raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
     held_out = split == "eval"
-    return [d for i, d in enumerate(docs) if (i % EVAL_EVERY == 0) == held_out]
+    unique = list(dict.fromkeys(docs))
+    return [d for i, d in enumerate(unique) if (i % EVAL_EVERY == 0) == held_out]
 
 
 def documents(source: str | Path, split: str = "calib") -> list[str]:
@@ -301,7 +305,9 @@ def validate_batches(batches: Sequence[Batch], example_inputs: Batch, what: str)
             if not isinstance(x, torch.Tensor):
                 raise CalibrationDataError(f"{where} is a {type(x).__name__}, not a tensor")
             if x.dtype != ref.dtype:
-                raise CalibrationDataError(f"{where} has dtype {x.dtype}, the model expects {ref.dtype}")
+                raise CalibrationDataError(
+                    f"{where} has dtype {x.dtype}, the model expects {ref.dtype}"
+                )
             if x.dim() != ref.dim() or x.shape[1:] != ref.shape[1:]:
                 raise CalibrationDataError(
                     f"{where} has shape {tuple(x.shape)}, the model expects "
@@ -321,7 +327,7 @@ def tensor_file(path: str | Path, example_inputs: Batch) -> list[Batch]:
     path = Path(path)
     try:
         data = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as err:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise CalibrationDataError(f"cannot load calibration tensors from {path}: {err}") from err
     if isinstance(data, torch.Tensor):
         batches = [(chunk,) for chunk in torch.split(data, example_inputs[0].shape[0])]
@@ -329,7 +335,8 @@ def tensor_file(path: str | Path, example_inputs: Batch) -> list[Batch]:
         batches = [tuple(x) if isinstance(x, (list, tuple)) else (x,) for x in data]
     else:
         raise CalibrationDataError(
-            f"{path} holds a {type(data).__name__}; expected a tensor, a list of tensors or a list of tuples"
+            f"{path} holds a {type(data).__name__}; expected a tensor, a list of tensors "
+            "or a list of tuples"
         )
     return validate_batches(batches, example_inputs, str(path))
 

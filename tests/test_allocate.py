@@ -117,6 +117,20 @@ def test_groups_without_a_curve_stay_full_and_count_in_the_time():
         allocate(curves, table, 8.9)
 
 
+def test_the_tables_calibrated_scale_is_applied():
+    times = {"a": {1: 1.0, 2: 2.0}, "b": {1: 1.0, 2: 3.0}}
+    table = make_table(times, base_ms=1.0)
+    table.scale = 2.0  # T = 1 + 2 * (t_a + t_b)
+    curves = {"a": ([1, 2], [1.0, 0.0]), "b": ([1, 2], [1.0, 0.0])}
+    assert min_latency_ms(curves, table) == pytest.approx(1.0 + 2 * 2.0)
+    alloc = allocate(curves, table, 1.0 + 2 * (2.0 + 1.0))
+    assert alloc.widths == {"a": 2, "b": 1}
+    assert alloc.predicted_ms == pytest.approx(7.0) == table.predict(alloc.widths)
+    with pytest.raises(InfeasibleBudgetError) as err:
+        allocate(curves, table, 4.9)
+    assert err.value.min_latency_ms == pytest.approx(5.0)
+
+
 def test_each_curve_is_normalised_by_its_own_scale():
     times = {"a": {1: 1.0, 2: 2.0}, "b": {1: 1.0, 2: 2.0}}
     table = make_table(times, base_ms=0.0)

@@ -6,6 +6,7 @@ offsets, shape constants, validation); the model families go through the real st
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -13,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models_zoo
 from osscar_export.errors import PlanError
 from osscar_export.export import export_onnx
 from osscar_export.passes.materialize import MaterializePass, apply_masks, materialize
+from osscar_export.passes.structures import find_structures
 from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, StructurePlan
 
 # ---------------------------------------------------------------------------------------------
@@ -39,7 +42,7 @@ def expected_removed_params(plan: StructurePlan, keep: dict[str, torch.Tensor]) 
     shapes = {k: list(v.shape) for k, v in plan.program.state_dict.items() if isinstance(v, nn.Parameter)}
     dense = {k: math.prod(v) for k, v in shapes.items()}
     for g in plan.groups:
-        r = int((~keep[g.name]).sum())
+        r = int((~keep[g.name]).sum()) if g.name in keep else 0
         slices = dict.fromkeys(g.producers + g.followers + tuple(c.input for c in g.consumers))
         for s in slices:
             if s.target in shapes:
@@ -135,7 +138,9 @@ def convnet_plan() -> tuple[nn.Module, StructurePlan]:
         kind="channel",
         count=8,
         unit=9,
-        consumers=(Consumer(_node(ep, torch.ops.aten.conv2d.default, 2), "conv2d", "project.weight", Slice("project.weight", 1), 1),),
+        consumers=(
+            Consumer(_node(ep, torch.ops.aten.conv2d.default, 2), "conv2d", "project.weight", Slice("project.weight", 1), 1),
+        ),
         producers=(Slice("expand.weight", 0), Slice("expand.bias", 0)),
         followers=(
             Slice("bn.weight", 0), Slice("bn.bias", 0), Slice("bn.running_mean", 0), Slice("bn.running_var", 0),
@@ -245,11 +250,13 @@ def test_refit_weights_applied_in_dense_layout() -> None:
     model, plan = heads_mlp_plan()
     keep = random_keep(plan, 0.5, seed=3)
     gen = torch.Generator().manual_seed(0)
-    weights = {c.weight: torch.randn(model.get_parameter(c.weight).shape, generator=gen) for g in plan.groups for c in g.consumers}
+    consumers = [c.weight for g in plan.groups for c in g.consumers]
+    weights = {w: torch.randn(model.get_parameter(w).shape, generator=gen) for w in consumers}
     masked = apply_masks(model, plan, keep, weights)
     small = materialize(model, plan, keep, weights)
-    torch.testing.assert_close(outputs(small, plan.example_inputs), outputs(masked, plan.example_inputs), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(outputs(masked, plan.example_inputs), outputs(apply_masks(model, plan, keep), plan.example_inputs))
+    args = plan.example_inputs
+    torch.testing.assert_close(outputs(small, args), outputs(masked, args), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outputs(masked, args), outputs(apply_masks(model, plan, keep), args))
     kept_heads = keep["attn.head"].nonzero().reshape(-1)
     rows = Slice("o.weight", 1, 4).indices(kept_heads)
     torch.testing.assert_close(small.o.weight, weights["o.weight"][:, rows])
@@ -325,3 +332,92 @@ def test_tiny_onnx_export_of_small(tmp_path) -> None:
     small = materialize(model, plan, random_keep(plan, 0.5))
     rep = export_onnx(small, plan.example_inputs, tmp_path / "small.onnx")
     assert rep.path.exists() and rep.max_abs_diff <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# model families, through the real structure pass
+
+
+def calibrated(model: nn.Module, args: tuple) -> nn.Module:
+    """Random-init vision models output ~0: set BN statistics from random images, re-draw the head."""
+    x = args[0]
+    model.train()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            model(torch.randn(8, *x.shape[1:], generator=gen))
+    model.eval()
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    torch.manual_seed(2)
+    nn.init.normal_(head.weight)
+    with torch.no_grad():  # unit-scale logits, so float tolerances mean the same in every family
+        head.weight /= outputs(model, args).std()
+    return model
+
+
+@functools.cache
+def family(name: str) -> tuple[nn.Module, StructurePlan]:
+    """(model, plan) of a zoo model; images get calibrated BN and a re-drawn head."""
+    model, args = models_zoo.ZOO[name]()
+    if args[0].is_floating_point():
+        model = calibrated(model, args)
+    return model, find_structures(model, args)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
+@pytest.mark.parametrize("name", sorted(models_zoo.ZOO))
+def test_family_equivalence(name: str, fraction: float, tmp_path) -> None:
+    model, plan = family(name)
+    assert plan.groups, f"{name}: the structure pass found no groups"
+    args = plan.example_inputs
+    assert float(outputs(model, args).std()) > 0.05, "model output ~constant: equivalence would be trivial"
+    keep = random_keep(plan, fraction, seed=round(fraction * 100))
+    res = check_equivalence(model, plan, keep, args)
+    if fraction == 0.5:
+        rep = export_onnx(res["small"], args, tmp_path / f"{name}.onnx")
+        assert rep.max_abs_diff <= 1e-3 * res["scale"] + 1e-5
+
+
+def test_gqa_whole_kv_groups() -> None:
+    """SmolLM2-shaped attention (9 query heads over 3 KV heads): KV groups go with their query heads."""
+    model, plan = family("llama_gqa")
+    kv = [g for g in plan.groups if g.kind == "kv_group"]
+    assert len(kv) == 2 and all(g.count == 3 for g in kv)
+    for removed in ([1], [0, 2]):
+        keep = {g.name: ~torch.isin(torch.arange(3), torch.tensor(removed)) for g in kv}
+        res = check_equivalence(model, plan, keep, plan.example_inputs)
+        small, left = res["small"], 3 - len(removed)
+        shape = {k: tuple(v.shape) for k, v in small.named_parameters() if k.startswith("model.layers.0.self_attn")}
+        assert shape["model.layers.0.self_attn.q_proj.weight"] == (left * 3 * 64, 576)
+        assert shape["model.layers.0.self_attn.k_proj.weight"] == (left * 64, 576)
+        assert shape["model.layers.0.self_attn.v_proj.weight"] == (left * 64, 576)
+        assert shape["model.layers.0.self_attn.o_proj.weight"] == (576, left * 3 * 64)
+
+
+def test_efficientnet_lite0_real_weights(tmp_path) -> None:
+    """The real pretrained EfficientNet-lite0 (ReLU6 MBConv expansions), at a small image size."""
+    from osscar_export.models import load_model
+
+    loaded = load_model("efficientnet-lite0", image_size=96)
+    args = (torch.randn(1, 3, 96, 96, generator=torch.Generator().manual_seed(0)),)
+    plan = find_structures(loaded.model, args)
+    assert len(plan.groups) >= 10
+    for fraction in (0.25, 0.9):
+        check_equivalence(loaded.model, plan, random_keep(plan, fraction, seed=7), args)
+    res = check_equivalence(loaded.model, plan, random_keep(plan, 0.5, seed=7), args)
+    export_onnx(res["small"], args, tmp_path / "lite0.onnx")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["minilm-l6", "smollm2-135m"])
+def test_real_language_models(name: str, tmp_path) -> None:
+    from osscar_export.models import load_model
+
+    loaded = load_model(name, seq_len=16)
+    plan = find_structures(loaded.model, loaded.example_inputs)
+    kinds = {g.kind for g in plan.groups}
+    assert "neuron" in kinds and kinds & {"head", "kv_group"}
+    for fraction in (0.25, 0.9):
+        check_equivalence(loaded.model, plan, random_keep(plan, fraction, seed=5), loaded.example_inputs)
+    res = check_equivalence(loaded.model, plan, random_keep(plan, 0.5, seed=5), loaded.example_inputs)
+    export_onnx(res["small"], loaded.example_inputs, tmp_path / f"{name}.onnx")

@@ -154,10 +154,13 @@ def test_bad_specs_raise_model_spec_error(spec, message):
         assert all(name in str(info.value) for name in BUILTINS)
 
 
-def test_folder_without_config_is_rejected(tmp_path):
+def test_folders_that_are_not_hf_models_are_rejected(tmp_path):
     with pytest.raises(ModelSpecError, match="without config.json") as info:
         load_model(str(tmp_path))
     assert "smollm2-135m" in str(info.value)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ModelSpecError, match="did not load"):
+        load_model(str(tmp_path))
 
 
 def test_efficientnet_lite0_exports_and_classifies_the_labelled_photos():

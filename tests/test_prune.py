@@ -196,3 +196,20 @@ def test_error_curves_are_cached_and_resume(tmp_path, monkeypatch):
     for name, (widths, losses) in curves.items():
         np.testing.assert_array_equal(again[name][0], widths)
         np.testing.assert_array_equal(again[name][1], losses)
+
+
+@pytest.mark.parametrize("build", ["llama_gqa", "bert"])
+def test_prune_without_a_plan_finds_structures_and_matches_the_masked_model(build):
+    from models_zoo import VOCAB, ZOO
+
+    model, example = ZOO[build]()
+    gen = torch.Generator().manual_seed(1)
+    calibration = [torch.randint(0, VOCAB, example[0].shape, generator=gen) for _ in range(3)]
+    result = prune(model, calibration, keep_fraction=0.5, progress=False)
+    assert {g.kind for g in result.plan.groups} >= {"neuron"}
+    for g in result.plan.groups:
+        assert int(result.keep[g.name].sum()) == max(1, round(0.5 * g.count))
+    assert set(result.layer_losses) == {c.weight for g in result.plan.groups for c in g.consumers if c.full}
+    masked = apply_masks(model, result.plan, result.keep, result.weights)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(*example), masked(*example), rtol=1e-4, atol=1e-4)

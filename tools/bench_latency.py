@@ -7,7 +7,7 @@ each allocation, measures it end to end on the same target and prints predicted 
 the mean absolute percentage error. The loss curves are synthetic (random convex curves per group)
 because only the spread of width configurations matters here, not their quality.
 
-    python tools/bench_latency.py --layers 4 --hidden 256 --seq 128 --points 12
+    python tools/bench_latency.py --layers 4 --hidden 256 --seq 128 --points 12 --clock thread
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=12, help="allocations across the budget range")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                    help="thread: CPU time of the calling thread, robust to other jobs on a shared machine")
     ap.add_argument("--cache-dir", default=None, help="latency table folder (default: a temporary one)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -74,7 +76,7 @@ def main() -> None:
     model = small_llama(args.layers, args.hidden, args.heads, args.kv_heads, args.ffn, args.vocab)
     inputs = (torch.randint(0, args.vocab, (1, args.seq)),)
     target = get_target(args.target).for_inputs(inputs)
-    settings = MeasureSettings(repeats=args.repeats, iters=args.iters)
+    settings = MeasureSettings(repeats=args.repeats, iters=args.iters, clock=args.clock)
 
     t0 = time.perf_counter()
     plan = find_structures(model, inputs)

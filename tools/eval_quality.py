@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import gc
 import json
 import os
 import threading
@@ -43,9 +45,12 @@ MODELS = ("smollm2", "efficientnet", "minilm")
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 10 ms (covers torch's allocator)."""
+    """Peak resident memory above the level at entry, sampled every 10 ms (sees torch's CPU tensors,
+    which tracemalloc does not)."""
 
     def __enter__(self) -> PeakRSS:
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the baseline is what is in use
         self.start = self.peak = _rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -189,10 +194,15 @@ def run(setup: Setup, methods: list[str], console: Console) -> list[dict]:
                 if method != "tp-magnitude":
                     row["mat Δ"] = float((result.model(*probe) - model(*probe)).abs().max())
                     row["loss"] = sum(result.layer_losses.values())
+                    row["params"] = _params(result.model) / _params(setup.model)
                 row.update(setup.score(model.eval()))
             rows.append({**row, "prune s": seconds, "peak MB": mem.mb})
             console.print(rows[-1])
     return rows
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def table(rows: list[dict]) -> Table:
@@ -222,7 +232,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    console = Console()
+    console = Console(width=200)
     rows = []
     for name in MODELS if args.model == "all" else (args.model,):
         t0 = time.perf_counter()

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         elif g.kind == "kv_group":
             keep[g.name] = magnitude_keep(g, model, g.count - a.kv_remove)
     pruned = {k for k, m in keep.items() if not bool(m.all())}
-    print(f"pruning {len(pruned)} groups: MLP neurons kept {a.mlp_keep:.0%}, {a.kv_remove} KV group(s) removed per layer")
+    print(f"pruning {len(pruned)} groups: MLP neurons kept {a.mlp_keep:.0%}, "
+          f"{a.kv_remove} KV group(s) removed per layer")
 
     t = time.perf_counter()
     masked = apply_masks(model, plan, keep)

@@ -35,11 +35,11 @@ def capture(
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; name the model and cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = " ".join(str(exc).split())[:600]
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} "
-            f"({type(exc).__name__}: {first[:300]}). Make the forward traceable (no data-dependent "
-            f"Python control flow, tensor inputs and outputs only) or pass an ExportedProgram."
+            f"torch.export could not capture {type(model).__name__} ({type(exc).__name__}: {detail}). "
+            f"Make the forward traceable (no data-dependent Python control flow, tensor inputs and "
+            f"outputs only), fix dynamic_shapes, or pass an ExportedProgram."
         ) from exc
     finally:
         for name, m in model.named_modules():

@@ -61,7 +61,9 @@ def check_keep(plan: StructurePlan, keep: KeepMasks) -> dict[str, torch.Tensor]:
     return masks
 
 
-def check_weights(plan: StructurePlan, weights: Weights | None, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+def check_weights(
+    plan: StructurePlan, weights: Weights | None, shapes: Mapping[str, torch.Size]
+) -> dict[str, torch.Tensor]:
     """Validated re-fitted weights: consumer weights of the plan, in their original dense shape."""
     if not weights:
         return {}
@@ -340,7 +342,8 @@ class MaterializePass(Pass[torch.fx.GraphModule]):
         gm.recompile()
         args = tuple(plan.example_inputs)
         try:
-            small = torch.export.export(gm, args, dynamic_shapes=_dynamic_shapes(plan.program, args), strict=False).module()
+            dims = _dynamic_shapes(plan.program, args)
+            small = torch.export.export(gm, args, dynamic_shapes=dims, strict=False).module()
         except Exception as e:  # any trace failure here means the plan left something stale
             raise PlanError(
                 f"the materialized graph does not re-export ({type(e).__name__}: {e}); a shape constant or "

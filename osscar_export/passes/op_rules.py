@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import fx
 
-if TYPE_CHECKING:
-    from osscar_export.passes.structures import GraphAnalysis, Layout
+from osscar_export.passes.structures import GQA_QUERY, RESIDUAL, GraphAnalysis, Layout, size_eq, to_size
 
 aten = torch.ops.aten
 Rule = Callable[["GraphAnalysis", fx.Node], None]
@@ -103,8 +102,6 @@ def add_sub(a: GraphAnalysis, node: fx.Node) -> None:
 
 
 def broadcast(a: GraphAnalysis, node: fx.Node, operands: list[fx.Node], residual: bool = False) -> list[Layout]:
-    from osscar_export.passes.structures import RESIDUAL, size_eq
-
     out_shape = a.shape(node)
     rank = len(out_shape)
     out: list[Any] = [None] * rank
@@ -126,11 +123,18 @@ def broadcast(a: GraphAnalysis, node: fx.Node, operands: list[fx.Node], residual
 
 
 def _two_producers(a: GraphAnalysis, x: Layout, y: Layout) -> bool:
+    """Both summands carry channels made by different weights: a residual stream.
+
+    Attention heads are exempt: a per-head bias computed by a layer (Swin-v2's cpb_mlp) is
+    added to the scores of the heads it belongs to, which couples exactly those heads.
+    """
     lx, ly = set(a.space.leaves(x)), set(a.space.leaves(y))
     if lx == ly:
         return False
-    produced = lambda ls: any(a.space.has_flag(leaf, "producer") for leaf in ls)  # noqa: E731
-    return produced(lx) and produced(ly)
+    flagged = lambda ls, f: any(a.space.has_flag(leaf, f) for leaf in ls)  # noqa: E731
+    if flagged(lx, "head") or flagged(ly, "head"):
+        return False
+    return flagged(lx, "producer") and flagged(ly, "producer")
 
 
 def block_all(reason: str) -> Rule:
@@ -167,7 +171,7 @@ def reshape(a: GraphAnalysis, node: fx.Node) -> None:
     out_shape = a.shape(node)
     xd = a.dims[x]
     whole: Layout = ("P", tuple(xd)) if xd else a.fresh(1)
-    parts = a.space.split(whole, list(out_shape))
+    parts = a.space.split(whole, list(out_shape), a.where(node))
     if parts is None:
         for lay in xd:
             a.block(lay, node, f"reshape {tuple(a.shape(x))} -> {tuple(out_shape)} does not follow the dim layout")
@@ -216,8 +220,6 @@ def permute(a: GraphAnalysis, node: fx.Node) -> None:
 
 def expand(a: GraphAnalysis, node: fx.Node) -> None:
     """Broadcast copies: a dim expanded from size 1 is a fresh dim whose values are shared."""
-    from osscar_export.passes.structures import size_eq
-
     x = node.args[0]
     xd, xs = a.dims[x], a.shape(x)
     out_shape = a.shape(node)
@@ -291,8 +293,6 @@ def stack(a: GraphAnalysis, node: fx.Node) -> None:
 
 def split(a: GraphAnalysis, node: fx.Node) -> None:
     """split / split_with_sizes / chunk / tensor_split: the dim becomes a concatenation of parts."""
-    from osscar_export.passes.structures import to_size
-
     x = node.args[0]
     b = bind(node)
     rank = len(a.shape(x))
@@ -338,8 +338,6 @@ def select(a: GraphAnalysis, node: fx.Node) -> None:
 
 def slice_(a: GraphAnalysis, node: fx.Node) -> None:
     """A contiguous slice splits the dim into (before, kept, after); its bounds are shape constants."""
-    from osscar_export.passes.structures import size_eq
-
     x = node.args[0]
     xd, xs = a.dims[x], a.shape(x)
     b = bind(node)
@@ -510,8 +508,6 @@ def linear(a: GraphAnalysis, node: fx.Node) -> None:
 
 def conv(a: GraphAnalysis, node: fx.Node) -> None:
     """convNd / convolution: channel dim contracted with weight dim 1 (depthwise: followed)."""
-    from osscar_export.passes.structures import size_eq
-
     b = bind(node)
     x, w, bias = b["input"], b["weight"], b["bias"]
     groups = b.get("groups", 1)
@@ -624,14 +620,14 @@ def matmul(a: GraphAnalysis, node: fx.Node) -> None:
         a.tag(left, 0, "producer", node)
     else:
         a.block(contracted[0], node, "contracted between two activations (e.g. q·kᵀ): no weight to re-fit")
+        if len(rs) >= 2:
+            a.block(rd[-1], node, "free dim of an activation product (e.g. head_dim of values): pruned only with whole heads")
     if a.is_tensor(extra):
         out = broadcast_into(a, node, out, extra)
     a.dims[node] = out
 
 
 def _broadcast_batch(a: GraphAnalysis, node: fx.Node, ld: list, ls: tuple, rd: list, rs: tuple) -> list[Layout]:
-    from osscar_export.passes.structures import size_eq
-
     n = max(len(ld), len(rd))
     out = []
     for j in range(n):
@@ -646,8 +642,6 @@ def _broadcast_batch(a: GraphAnalysis, node: fx.Node, ld: list, ls: tuple, rd: l
 
 
 def broadcast_into(a: GraphAnalysis, node: fx.Node, out: list[Layout], x: fx.Node) -> list[Layout]:
-    from osscar_export.passes.structures import size_eq
-
     xd, xs = a.dims[x], a.shape(x)
     off = len(out) - len(xd)
     for i, (lay, s) in enumerate(zip(xd, xs)):
@@ -658,8 +652,6 @@ def broadcast_into(a: GraphAnalysis, node: fx.Node, out: list[Layout], x: fx.Nod
 
 def gqa_check(a: GraphAnalysis, node: fx.Node, kv_batch: list[Layout]) -> None:
     """K/V heads built by expanding a size-1 dim (repeat_kv) are GQA copies: block the copies."""
-    from osscar_export.passes.structures import GQA_QUERY
-
     for lay in kv_batch:
         leaves = a.space.leaves(lay)
         copies = [x for x in leaves if a.space.has_flag(x, "broadcast")]
@@ -674,8 +666,6 @@ def gqa_check(a: GraphAnalysis, node: fx.Node, kv_batch: list[Layout]) -> None:
 
 def sdpa(a: GraphAnalysis, node: fx.Node) -> None:
     """scaled_dot_product_attention: batch (head) dims of q, k, v, out are one index space."""
-    from osscar_export.passes.structures import GQA_QUERY
-
     b = bind(node)
     q, k, v, mask = b["query"], b["key"], b["value"], b["attn_mask"]
     qd, kd, vd = a.dims[q], a.dims[k], a.dims[v]
@@ -700,10 +690,54 @@ def sdpa(a: GraphAnalysis, node: fx.Node) -> None:
     a.unify(qd[-1], kd[-1], node)
     a.block(qd[-1], node, "head_dim of queries/keys: sets the attention scale; pruned only as whole heads")
     a.block(vd[-1], node, "head_dim of values: pruned only as whole heads")
-    out = list(qd[:-1]) + [vd[-1]]
-    if a.is_tensor(mask):
-        broadcast_into(a, node, out, mask)
-    a.dims[node] = out
+    if a.is_tensor(mask):  # the mask broadcasts against the scores (..., L, S)
+        broadcast_into(a, node, list(qd[:-1]) + [kd[-2]], mask)
+    a.dims[node] = list(qd[:-1]) + [vd[-1]]
+
+
+def einsum(a: GraphAnalysis, node: fx.Node) -> None:
+    """einsum: letters kept in the output pass through (batch/head dims between two activations);
+    summed letters are contracted. No consumer is recorded: a contraction is blocked."""
+    b = bind(node)
+    operands = list(b["tensors"])
+    lhs, _, rhs = b["equation"].replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not rhs and "->" not in b["equation"]:
+        rhs = "".join(sorted(c for c in set(lhs) if c.isalpha() and lhs.count(c) == 1))
+    out_rank = len(a.shape(node))
+    ell = max((len(a.shape(t)) - len(term.replace("...", "")) for t, term in zip(operands, terms)), default=0)
+    ell_letters = [chr(0x3B1 + i) for i in range(max(ell, 0))]  # greek letters stand for "..."
+
+    def letters(term: str, rank: int) -> list[str]:
+        if "..." not in term:
+            return list(term)
+        pre, post = term.split("...")
+        n = rank - len(pre) - len(post)
+        return list(pre) + ell_letters[len(ell_letters) - n :] + list(post)
+
+    seen: dict[str, Layout] = {}
+    for t, term in zip(operands, terms):
+        xs = a.shape(t)
+        for ch, lay, size in zip(letters(term, len(xs)), a.dims[t], xs):
+            if size == 1:
+                continue
+            if ch in seen:
+                a.unify(seen[ch], lay, node)
+            else:
+                seen[ch] = lay
+    out_letters = letters(rhs, out_rank)
+    if len(operands) > 1:
+        last = letters(terms[-1], len(a.shape(operands[-1])))
+        others = {c for t, term in zip(operands[:-1], terms[:-1]) for c in letters(term, len(a.shape(t)))}
+        for ch in last:
+            if ch in out_letters and ch not in others and ch in seen:
+                a.block(seen[ch], node, "free dim of an activation product (e.g. head_dim of values): pruned only with whole heads")
+    for ch, lay in seen.items():
+        if ch not in out_letters:
+            a.block(lay, node, "summed over by einsum (no weight to re-fit)")
+        elif len(operands) > 1 and all(ch in letters(term, len(a.shape(t))) for t, term in zip(operands, terms)):
+            a.space.flag(lay, "head")
+    a.dims[node] = [seen.get(ch) if ch in seen else a.fresh(s) for ch, s in zip(out_letters, a.shape(node))]
 
 
 def embedding(a: GraphAnalysis, node: fx.Node) -> None:
@@ -846,7 +880,7 @@ _UNARY = [
     aten.alpha_dropout_, aten.native_dropout, aten.to, aten._to_copy, aten.type_as,
     aten.clamp, aten.clamp_, aten.clamp_min, aten.clamp_min_, aten.clamp_max, aten.clamp_max_,
     aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
-    aten.fill, aten.fill_, aten.nan_to_num, aten.gelu_backward,
+    aten.fill, aten.fill_, aten.zero_, aten.nan_to_num,
 ]
 _BINARY = [
     aten.mul, aten.mul_, aten.div, aten.div_, aten.pow, aten.maximum, aten.minimum, aten.where,
@@ -897,6 +931,7 @@ _register([aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution, aten._convol
 _register([aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm], matmul)
 _register([aten.scaled_dot_product_attention], sdpa)
 _register([aten.embedding], embedding)
+_register([aten.einsum], einsum)
 _register([aten.index], index_tensor)
 _register([aten.index_select], index_select)
 _register([aten.max_pool1d, aten.avg_pool1d, aten.adaptive_avg_pool1d, aten.adaptive_max_pool1d,
@@ -924,7 +959,6 @@ for _op, _why in {
     aten.scatter_add: "scatter writes data-dependent positions",
     aten.index_put: "index_put writes data-dependent positions",
     aten.index_put_: "index_put writes data-dependent positions",
-    aten.einsum: "einsum subscripts are not analysed",
     aten.diff: "diff mixes neighbouring positions",
     aten.repeat_interleave: "repeat_interleave layout is not followed",
     aten.grid_sampler: "grid sampling mixes positions",

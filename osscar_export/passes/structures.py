@@ -248,8 +248,12 @@ class DimSpace:
                 return list(zip(ca, parts))
         return None
 
-    def split(self, lay: Layout, sizes: list[Size]) -> list[Layout] | None:
-        """Express ``lay`` as a row-major product of parts of the given sizes (refining atoms)."""
+    def split(self, lay: Layout, sizes: list[Size], where: str = "reshape") -> list[Layout] | None:
+        """Express ``lay`` as a row-major product of parts of the given sizes (refining atoms).
+
+        A concatenation of k equal parts viewed as (k, part) couples its parts (coarser, never
+        wrong); the new k dim is blocked since nothing ties it back to the concatenation.
+        """
         e = self.expand(lay)
         factors = list(e[1]) if not isinstance(e, int) and e[0] == "P" else [e]
         out: list[Layout] = []
@@ -275,8 +279,18 @@ class DimSpace:
                     continue
                 need = size_quot(target, prod)
                 rest = size_quot(s, need) if need is not None else None
-                if rest is None or not isinstance(f, int):
+                if rest is None:
                     return None
+                if not isinstance(f, int):
+                    parts = f[1]
+                    if not (len(parts) == need and all(size_eq(self.size_of(c), rest) for c in parts)):
+                        return None
+                    for c in parts[1:]:
+                        self.unify(parts[0], c, where)
+                    copies = self.new(need)
+                    self.block(copies, where, "concatenated parts viewed as a separate dim")
+                    factors[i : i + 1] = [copies, parts[0]]
+                    continue
                 head, tail = self.new(need), self.new(rest)
                 self.refine(f, ("P", (head, tail)))
                 acc.append(head)
@@ -397,7 +411,7 @@ class GraphAnalysis:
     """One walk over ``ep.graph`` applying the op table; then ``groups()`` reads off the plan."""
 
     def __init__(self, ep: torch.export.ExportedProgram):
-        from osscar_export.passes.op_rules import OP_RULES, rule_for
+        from osscar_export.passes.op_rules import rule_for  # op_rules imports this module
 
         self.ep = ep
         self.graph = ep.graph
@@ -415,7 +429,6 @@ class GraphAnalysis:
         }
         self.user_inputs = set(sig.user_inputs)
         self._rule_for = rule_for
-        self._table = OP_RULES
 
     # -- helpers used by op rules
     def where(self, node: fx.Node) -> str:
@@ -635,7 +648,8 @@ class GraphAnalysis:
             raise _Blocked(["no consumer: the dim is never contracted with a weight"])
         shape_args = self._shape_args(leaf, by_leaf_cands)
         region = tuple(n.name for n in info.region if n.op == "call_function")
-        kind = self._kind(leaf, consumers)
+        roles = [t for pd in info.params for t in tags_at.get(pd, ()) if t.role != "follower"]
+        kind = self._kind(leaf, roles)
         return StructureGroup(
             name=self._name(kind, producers, consumers),
             kind=kind,
@@ -663,12 +677,12 @@ class GraphAnalysis:
                 out.append(ShapeArg(node=c.node.name, arg=c.arg, index=c.index, unit=unit))
         return out
 
-    def _kind(self, leaf: int, consumers: list[Consumer]) -> str:
+    def _kind(self, leaf: int, roles: list[Tag]) -> str:
         if self.space.has_flag(leaf, "kv"):
             return "kv_group"
         if self.space.has_flag(leaf, "head"):
             return "head"
-        if any(c.op.startswith("conv") for c in consumers):
+        if any("conv" in _op_name(t.node.target) for t in roles):
             return "channel"
         return "neuron"
 
