@@ -78,9 +78,9 @@ def _options(curves: Curves, table: LatencyTable) -> tuple[list[_Options], float
         widths, losses = widths[keep].astype(np.int64), losses[keep]
         order = np.argsort(-widths, kind="stable")
         widths, losses = widths[order], losses[order]
-        scale = float(np.abs(losses).max()) or 1.0
+        norm = float(np.abs(losses).max()) or 1.0
         ms = table.scale * np.array([table.ms(name, int(w)) for w in widths])
-        options.append(_Options(name, widths, ms, losses / scale))
+        options.append(_Options(name, widths, ms, losses / norm))
     fixed = table.base_ms + table.scale * sum(table.ms(g, table.full_width(g)) for g in table.groups if g not in curves)
     return options, fixed
 

@@ -71,14 +71,14 @@ def inspect(argv: list[str], console: Console) -> None:
         plan = find_structures(loaded.model, loaded.example_inputs)
     groups = Table(title=f"{args.model}: {len(plan.groups)} groups, {plan.structures} structures")
     for col in ("group", "kind", "n", "d", "consumers", "producers", "followers"):
-        groups.add_column(col, justify="right" if col in ("n", "d") else "left")
+        groups.add_column(col, justify="right" if col in ("n", "d") else "left", overflow="fold")
     for g in plan.groups:
         groups.add_row(g.name, g.kind, str(g.count), str(g.unit), ", ".join(c.weight for c in g.consumers),
                        str(len(g.producers)), str(len(g.followers)))
     console.print(groups)
     blocked = Table(title=f"{len(plan.blocked)} dims left fixed")
-    blocked.add_column("where")
-    blocked.add_column("reason")
+    blocked.add_column("where", overflow="fold")
+    blocked.add_column("reason", overflow="fold")
     for where, reason in plan.blocked if args.all_blocked else plan.blocked[:40]:
         blocked.add_row(where, reason)
     console.print(blocked)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,7 +103,7 @@ def _run_ort(session, args: tuple) -> list[np.ndarray]:
     names = [i.name for i in session.get_inputs()]
     tensors = _tensor_leaves(args)
     if len(names) != len(tensors):
-        raise ParityError(f"the ONNX model takes {len(names)} inputs ({names}), the example has {len(tensors)} tensors")
+        raise ParityError(f"the ONNX model takes inputs {names}, the example has {len(tensors)} tensors")
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
     return session.run(None, feed)
 
@@ -117,6 +118,7 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     extra_inputs: Sequence[tuple] = (),
+    dynamic_shapes: Any = None,
     atol: float = 1e-5,
     rtol: float = 1e-3,
     provider: str = "cpu",
@@ -124,8 +126,9 @@ def export_onnx(
 ) -> ExportReport:
     """Export ``module`` with ``torch.onnx.export(dynamo=True)`` and check it in onnxruntime.
 
-    Shapes are static (those of ``example_inputs``); ``extra_inputs`` are further argument tuples
-    of the same shapes to check. Parity: for every output, max|ort − torch| ≤ atol + rtol·max|torch|.
+    Shapes are those of ``example_inputs`` unless ``dynamic_shapes`` (as for torch.export) frees
+    some; ``extra_inputs`` are further argument tuples to check, of other sizes along the dynamic
+    dims if there are any. Parity: for every output, max|ort − torch| ≤ atol + rtol·max|torch|.
     Models with more than 1 GiB of weights keep them in ``<name>.data`` beside the file; the side
     file's name is written into the model, so the pair is staged under its final names in a
     temporary folder and moved into place together (side file first).
@@ -135,7 +138,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     cases = [tuple(example_inputs), *map(tuple, extra_inputs)]
     want = _reference(module, cases)
-    program = torch.export.export(module, cases[0], strict=False)
+    program = torch.export.export(module, cases[0], dynamic_shapes=dynamic_shapes, strict=False)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = stage / path.name
@@ -168,6 +171,7 @@ def save_program(
     example_inputs: tuple,
     path: str | os.PathLike,
     *,
+    dynamic_shapes: Any = None,
     atol: float = 1e-6,
     rtol: float = 1e-5,
 ) -> ExportReport:
@@ -175,7 +179,7 @@ def save_program(
     t0 = time.perf_counter()
     args = tuple(example_inputs)
     want = _reference(module, [args])[0]
-    program = torch.export.export(module, args, strict=False)
+    program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
         loaded = torch.export.load(tmp).module()

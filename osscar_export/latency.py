@@ -175,7 +175,7 @@ def graph_signature(program: torch.export.ExportedProgram) -> str:
     ops = []
     for node in program.graph.nodes:
         val = node.meta.get("val")
-        shape = [list(val.shape), str(val.dtype)] if isinstance(val, torch.Tensor) else None
+        shape = [str(tuple(val.shape)), str(val.dtype)] if isinstance(val, torch.Tensor) else None  # str: SymInts
         ops.append([node.op, str(node.target) if node.op == "call_function" else "", shape])
     params = sorted(
         (list(t.shape), str(t.dtype)) for t in list(program.state_dict.values()) + list(program.constants.values())
@@ -502,11 +502,8 @@ def measure_latency(
         if todo:
             log(f"measuring {g.name} in {region.path or '<root>'} at {len(todo)} widths")
         for k in todo:
-            if k == region.group.count:
-                module = region.plan.program.module()
-            else:
-                keep = {region.group.name: keep_first(region.group.count, k)}
-                module = materialize(region.module, region.plan, keep)
+            # full width too goes through materialize: every width compiles from the same path
+            module = materialize(region.module, region.plan, {region.group.name: keep_first(region.group.count, k)})
             timing = measure(target.compile(module, region.inputs), region.inputs, settings)
             curve[k] = timing.ms
             if timing.noisy:

@@ -89,7 +89,7 @@ class LayerProblem:
         if self.perm is None:
             return self.H
         inv = torch.empty_like(self.perm)
-        inv[self.perm] = torch.arange(len(self.perm))
+        inv[self.perm] = torch.arange(len(self.perm), device=self.perm.device)
         idx = inv[part.base : part.base + part.rows]
         return self.H[idx][:, idx]
 

@@ -13,9 +13,10 @@ Two engines carry the algebra, both exact (block Schur complements, float64, bat
   run on it, so their speed comparison is about the schedule, not the code.
 * ``_Swept`` holds the sweep of ``[H | G]`` on the kept rows: the kept block is ``−H_RR⁻¹``, the
   pruned block is the Schur complement ``S`` and the G columns hold ``W_R`` (kept rows) and the
-  negative gradient ``g`` (pruned rows). Removing or re-adding a group is one sweep, and its exact
-  loss change is ``−½ tr(T_JGᵀ T_JJ⁻¹ T_JG)`` for either direction, so the local search of
-  "osscar" scores and applies swaps without fresh inverses.
+  negative gradient ``g`` (pruned rows). The exact loss change of removing or re-adding a group
+  is ``−½ tr(T_JGᵀ T_JJ⁻¹ T_JG)`` in either direction, a candidate swap is scored from the
+  dropped rows alone, and an accepted swap is two sweeps: the local search of "osscar" never
+  needs a fresh inverse.
 
 Dead inputs (zero diagonal of ``XtX``) never fire: their weight rows are zeroed before ``G`` is
 formed (as the reference does), so their groups cost nothing and go first. The loss is therefore
@@ -45,7 +46,7 @@ COMPACT_BELOW = 0.8  # compact the active inverse when fewer than this share of 
 # Local search: swap size starts near 1% of the groups and halves on each failed round; at size 1
 # up to SINGLE_SWAP_TRIES drop candidates (cheapest first) are tried before giving up.
 SWAP_FRACTION = 1 / 100
-SINGLE_SWAP_TRIES = 16
+SINGLE_SWAP_TRIES = 64
 MAX_SWAP_ROUNDS = 60
 
 
@@ -126,27 +127,28 @@ def _prepare(XtX: torch.Tensor, W: torch.Tensor, group_size: int, damp: float) -
         raise ValueError(f"p = {p} input rows do not split into groups of group_size = {group_size}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
-    H = XtX.detach().to(torch.float64)
-    W0 = W.detach().to(torch.float64).clone()
-    if not torch.isfinite(H).all():
+    H = XtX.detach().to(torch.float64, copy=True)
+    W0 = W.detach().to(torch.float64, copy=True)
+    if not math.isfinite(float(H.sum())) and not torch.isfinite(H).all():  # the sum is the cheap test
         raise ValueError("XtX contains NaN or inf: the calibration statistics are corrupt")
-    if not torch.isfinite(W0).all():
+    if not math.isfinite(float(W0.sum())) and not torch.isfinite(W0).all():
         raise ValueError("W contains NaN or inf")
     diag = torch.diagonal(H)
     if float(diag.min()) < 0:
         raise ValueError(f"XtX has a negative diagonal entry ({float(diag.min()):.3g}): it is not a Gram matrix")
-    sym = H + H.mT
-    if float((sym - 2 * H).abs().max()) > 2e-6 * float(diag.max()):
+    # Symmetry is checked on sampled rows (a full transposed pass costs more than it tells).
+    probe = torch.randperm(p, generator=torch.Generator().manual_seed(0))[:64].to(H.device)
+    if float((H[probe] - H[:, probe].mT).abs().max()) > 1e-6 * float(diag.max()):
         raise ValueError("XtX is not symmetric (|XtX - XtXᵀ| exceeds 1e-6 of its largest diagonal entry)")
-    H = sym.mul_(0.5)
-    dead_rows = torch.diagonal(H) == 0
-    H[dead_rows] = 0  # a Gram row with zero diagonal is zero; enforce it so dead inputs decouple
-    H[:, dead_rows] = 0
-    W0[dead_rows] = 0
-    mean = float(torch.diagonal(H).mean())
+    dead_rows = diag == 0
+    if bool(dead_rows.any()):  # a Gram row with zero diagonal is zero; enforce it so dead inputs decouple
+        idx = dead_rows.nonzero().reshape(-1)
+        H.index_fill_(0, idx, 0).index_fill_(1, idx, 0)
+        W0.index_fill_(0, idx, 0)
+    mean = float(diag.mean())
     lam = damp * mean if mean > 0 else 1.0  # all inputs dead: any λ > 0 gives the zero solution
-    H.diagonal().add_(lam)
-    if float(torch.diagonal(H).min()) <= 0:
+    diag.add_(lam)
+    if float(diag.min()) <= 0:
         raise ValueError("XtX + λI is singular (an input has zero variance and damp = 0): use damp > 0")
     dead = dead_rows.reshape(-1, group_size).all(dim=1)
     return _Layer(H, W0, group_size, dead)
@@ -158,6 +160,28 @@ def _check_keep(keep: int, n: int) -> int:
     if not 0 <= keep <= n:
         raise ValueError(f"keep = {keep} is out of range: the layer has n = {n} groups (0 <= keep <= n)")
     return keep
+
+
+def _spd_inverse(H: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of an SPD matrix by 2×2 block recursion on Schur complements.
+
+    It costs 4/3 p³ flops against p³ for Cholesky + ``cholesky_inverse``, but they are GEMMs,
+    which run about twice as fast as LAPACK's triangular inverse on a few CPU cores.
+    """
+    p = H.shape[0]
+    if p <= leaf:
+        return torch.cholesky_inverse(_chol(H, "H"))
+    h = p // 2
+    Ai = _spd_inverse(H[:h, :h], leaf)
+    AiB = Ai @ H[:h, h:]
+    Si = _spd_inverse(torch.addmm(H[h:, h:], H[:h, h:].mT, AiB, alpha=-1.0), leaf)
+    X = AiB @ Si
+    out = torch.empty_like(H)
+    torch.addmm(Ai, X, AiB.mT, out=out[:h, :h])
+    out[:h, h:] = -X
+    out[h:, :h] = -X.mT
+    out[h:, h:] = Si
+    return out
 
 
 def _chol(A: torch.Tensor, what: str) -> torch.Tensor:
@@ -191,11 +215,21 @@ def _refit(layer: _Layer, keep: torch.Tensor) -> tuple[torch.Tensor, float]:
     return W, max(0.0, 0.5 * (masked - float((Y * Y).sum())))
 
 
-def _masked_loss(layer: _Layer, keep: torch.Tensor) -> float:
-    """Loss of Ŵ with the pruned rows zeroed and no re-fit (the "mp" weight)."""
-    rows = layer.rows((~keep).nonzero())
-    w = layer.W0[rows]
-    return 0.5 * float((w * (layer.H[rows][:, rows] @ w)).sum())
+def _masked_losses(layer: _Layer, order: torch.Tensor, levels: list[int]) -> list[float]:
+    """Loss of Ŵ with all but the prefix ``order[:k]`` zeroed and no re-fit (the "mp" weight).
+
+    The pruned sets are nested, so each level adds only the newly pruned block B:
+    ``loss(P ∪ B) = loss(P) + tr(Ŵ_Bᵀ H_BP Ŵ_P) + ½ tr(Ŵ_Bᵀ H_BB Ŵ_B)``.
+    """
+    H, W0 = layer.H, layer.W0
+    gone = order.flip(0)
+    out, total, done = {}, 0.0, 0
+    for k in sorted(levels, reverse=True):
+        new, old = layer.rows(gone[done : layer.n - k]), layer.rows(gone[:done])
+        Wn = W0[new]
+        total += float((Wn * (H[new][:, old] @ W0[old])).sum()) + 0.5 * float((Wn * (H[new][:, new] @ Wn)).sum())
+        out[k], done = total, layer.n - k
+    return [out[k] for k in levels]
 
 
 def _nested_refit_losses(layer: _Layer, order: torch.Tensor, levels: list[int]) -> torch.Tensor:
@@ -232,8 +266,7 @@ class _Gradual:
         self.groups = groups  # group index of each active block position
         self.alive = torch.ones(len(groups), dtype=torch.bool, device=groups.device)
         rows = layer.rows(groups)
-        L = _chol(layer.H[rows][:, rows], "H")
-        self.A = torch.cholesky_inverse(L)
+        self.A = _spd_inverse(layer.H if len(rows) == layer.p else layer.H[rows][:, rows])
         self.W = layer.W0[rows].clone()  # Ŵ is the optimum of the full support since G = HŴ
 
     @property
@@ -327,11 +360,28 @@ class _Swept:
     """The sweep of ``[H | G]`` (p × (p+m)) on the kept rows; see the module docstring."""
 
     def __init__(self, layer: _Layer, keep: torch.Tensor):
+        """Built from ``A = H_RR⁻¹`` directly: ``T_RR = −A``, ``T_RP = A H_RP``, ``T_PP = S``,
+        ``W_R = Ŵ_R + A H_RP Ŵ_P`` and ``g_P = S Ŵ_P`` (since G = HŴ), with no full G."""
         self.layer = layer
-        self.T = torch.cat([layer.H, layer.G], dim=1)
-        rows = layer.rows(keep.nonzero())
-        if rows.numel():
-            self.sweep(rows, add=True)
+        H, W0, p = layer.H, layer.W0, layer.p
+        R, P = layer.rows(keep.nonzero()), layer.rows((~keep).nonzero())
+        self.T = T = torch.empty(p, p + W0.shape[1], dtype=H.dtype, device=H.device)
+        if len(R) == 0:
+            T[:, :p], T[:, p:] = H, H @ W0
+            return
+        A = _spd_inverse(H[R][:, R])
+        if len(P) == 0:
+            T[:, :p], T[:, p:] = -A, W0
+            return
+        HRP = H[R][:, P]
+        Y = A @ HRP
+        S = torch.addmm(H[P][:, P], HRP.mT, Y, alpha=-1.0)
+        T[R[:, None], R] = -A
+        T[R[:, None], P] = Y
+        T[P[:, None], R] = Y.mT
+        T[P[:, None], P] = S
+        T[R, p:] = torch.addmm(W0[R], Y, W0[P])
+        T[P, p:] = S @ W0[P]
 
     def deltas(self, groups: torch.Tensor, add: bool) -> torch.Tensor:
         """Exact loss change of toggling each group alone: −γ_J (add a pruned group) or +ρ_J (remove)."""
@@ -343,14 +393,37 @@ class _Swept:
         change = 0.5 * (Y * Y).sum(dim=(1, 2))
         return -change if add else change
 
-    def joint_delta(self, groups: torch.Tensor, add: bool) -> float:
-        """Exact loss change of toggling a set of groups (all pruned, or all kept) at once."""
-        rows = self.layer.rows(groups)
-        B = self.T[rows][:, rows]
-        L = _chol(B if add else -B, "a pivot block of the swept Gram")
-        Y = torch.linalg.solve_triangular(L, self.T[rows, self.layer.p :], upper=False)
-        change = 0.5 * float((Y * Y).sum())
-        return -change if add else change
+    def pruned_side(self, pruned: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per pruned group: its Schur block, its gradient rows g (contiguous) and ``g gᵀ``."""
+        d, p = self.layer.d, self.layer.p
+        blocks = _rows(pruned, d).view(-1, d)
+        g = self.T[blocks.reshape(-1), p:]
+        gv = g.view(len(pruned), d, -1)
+        return blocks, self.T[blocks[:, :, None], blocks[:, None, :]], g, gv @ gv.mT
+
+    def swap(self, drop: torch.Tensor, pruned: torch.Tensor, t: int, side: tuple) -> tuple[torch.Tensor, float]:
+        """The t groups of ``pruned`` that re-enter best once ``drop`` leaves, and the swap's exact loss change.
+
+        Nothing is swept: a sweep only mixes a block with the pivot rows, so with ``−T_DD = LLᵀ``,
+        ``Q = L⁻¹T_DP`` and ``y = L⁻¹T_DG`` the post-drop Schur blocks are ``S + QᵀQ`` and the
+        post-drop gradients ``g + Qᵀy``; a candidate swap costs one read of g, not a sweep.
+        """
+        d, p, T = self.layer.d, self.layer.p, self.T
+        blocks, S, g, K = side
+        rd = _rows(drop, d)
+        L = _chol(-T[rd][:, rd], "a pivot block of the swept Gram")
+        y = torch.linalg.solve_triangular(L, T[rd, p:], upper=False)
+        Q = torch.linalg.solve_triangular(L, T[rd][:, blocks.reshape(-1)], upper=False)
+        Q = Q.view(len(rd), len(pruned), d).permute(1, 0, 2)  # (nP, kd, d)
+        MQ = (g @ y.mT).view(len(pruned), d, -1) @ Q  # g_J yᵀ Q_J
+        X = K + MQ + MQ.mT + Q.mT @ (y @ y.mT) @ Q  # g'g'ᵀ per group
+        gains = 0.5 * torch.cholesky_solve(X, _chol(S + Q.mT @ Q, "a Schur block of the swept Gram")).diagonal(dim1=1, dim2=2).sum(1)
+        best = torch.topk(gains, t).indices
+        QE = Q[best].permute(1, 0, 2).reshape(len(rd), -1)
+        re = blocks[best].reshape(-1)
+        LE = _chol(T[re][:, re] + QE.mT @ QE, "a Schur block of the swept Gram")
+        YE = torch.linalg.solve_triangular(LE, T[re, p:] + QE.mT @ y, upper=False)
+        return pruned[best], 0.5 * float((y * y).sum()) - 0.5 * float((YE * YE).sum())
 
     def sweep(self, rows: torch.Tensor, add: bool) -> None:
         """Sweep rows in (add: pruned → kept) or out (reverse sweep: kept → pruned), in place."""
@@ -368,36 +441,30 @@ class _Swept:
 def _local_search(layer: _Layer, keep: torch.Tensor, loss: float) -> torch.Tensor:
     """Swap search from ``keep``: drop the t cheapest, add back the t best, keep only strict gains.
 
-    Drop costs, re-entry gains and the joint change of each swap are exact (``_Swept``), so a
-    round is accepted only when the swapped support's loss is lower; t halves after a failed
-    round, and at t = 1 several drop candidates are tried before the search stops.
+    Drop costs, re-entry gains and each swap's joint loss change are exact (``_Swept``), so a swap
+    is made only when the new support's loss is lower. t halves after a failed round; at t = 1
+    up to SINGLE_SWAP_TRIES drop candidates (cheapest first) are tried before the search stops.
     """
     n, s = layer.n, int(keep.sum())
-    t = max(1, min(s, n - s, round(n * SWAP_FRACTION)))
     if s == 0 or s == n:
         return keep
+    t = max(1, min(s, n - s, round(n * SWAP_FRACTION)))
     state = _Swept(layer, keep)
     keep = keep.clone()
     for _ in range(MAX_SWAP_ROUNDS):
-        kept = keep.nonzero().reshape(-1)
-        drops = kept[torch.argsort(state.deltas(kept, add=False))]
-        candidates = [drops[:t]] if t > 1 else [drops[i : i + 1] for i in range(min(len(drops), SINGLE_SWAP_TRIES))]
-        accepted = False
+        kept, pruned = keep.nonzero().reshape(-1), (~keep).nonzero().reshape(-1)
+        order = kept[torch.argsort(state.deltas(kept, add=False))]
+        side = state.pruned_side(pruned)
+        candidates = [order[:t]] if t > 1 else [order[i : i + 1] for i in range(min(s, SINGLE_SWAP_TRIES))]
         for drop in candidates:
-            up = state.joint_delta(drop, add=False)
-            state.sweep(layer.rows(drop), add=False)
-            keep[drop] = False
-            pruned = (~keep).nonzero().reshape(-1)
-            add = pruned[torch.argsort(state.deltas(pruned, add=True))[:t]]
-            new = loss + up + state.joint_delta(add, add=True)
-            if new < loss * (1 - 1e-12) and not bool(torch.equal(add.sort().values, drop.sort().values)):
+            add, change = state.swap(drop, pruned, t, side)
+            if change < -1e-12 * loss:
+                state.sweep(layer.rows(drop), add=False)
                 state.sweep(layer.rows(add), add=True)
-                keep[add] = True
-                loss, accepted = new, True
+                keep[drop], keep[add] = False, True
+                loss += change
                 break
-            state.sweep(layer.rows(drop), add=True)  # undo the drop
-            keep[drop] = True
-        if not accepted:
+        else:
             if t == 1:
                 break
             t = max(1, t // 2)
@@ -468,11 +535,12 @@ def prune_layer(
     layer = _prepare(XtX, W, group_size, damp)
     keep = _check_keep(keep, layer.n)
     if method in ("mp", "mp+"):
+        order = _magnitude_order(layer)
         mask = torch.zeros(layer.n, dtype=torch.bool, device=layer.H.device)
-        mask[_magnitude_order(layer)[:keep]] = True
+        mask[order[:keep]] = True
         if method == "mp":
             weight = layer.W0 * mask.repeat_interleave(layer.d)[:, None]
-            return LayerSolution(mask, weight, _masked_loss(layer, mask), method)
+            return LayerSolution(mask, weight, _masked_losses(layer, order, [keep])[0], method)
     elif method == "exact":
         mask = _exact_support(layer, keep)
     else:
@@ -522,7 +590,7 @@ def error_curve(
             mask[order[:k]] = True
             supports.append(mask)
         if method == "mp":
-            losses = torch.tensor([_masked_loss(layer, m) for m in supports], dtype=torch.float64)
+            losses = torch.tensor(_masked_losses(layer, order, levels), dtype=torch.float64)
             ws = [layer.W0 * m.repeat_interleave(layer.d)[:, None] for m in supports] if weights else []
         else:
             losses = _nested_refit_losses(layer, order, levels).cpu()

@@ -10,6 +10,7 @@ run somewhere else (onnxruntime-gpu falls back to CPU without a word), raise
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import platform
@@ -65,16 +66,18 @@ def _host_fingerprint() -> dict[str, Any]:
 
 
 def _cast(model: torch.nn.Module, inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.nn.Module, tuple]:
-    """The model and its floating-point inputs in ``dtype`` (integer inputs such as token ids stay)."""
+    """A copy of the model and its floating-point inputs in ``dtype`` (integer inputs such as
+    token ids stay); the caller's model is never converted in place."""
     if dtype == torch.float32:
         return model, tuple(inputs)
     cast_inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
-    return model.to(dtype), cast_inputs
+    return copy.deepcopy(model).to(dtype), cast_inputs
 
 
 def _as_module(model: torch.nn.Module | torch.export.ExportedProgram) -> torch.nn.Module:
-    """A module in inference mode. Modules from ``ExportedProgram.module()`` refuse ``eval()``:
-    their train/eval behaviour was fixed when they were captured, so they are used as they are."""
+    """A module in inference mode (``eval()`` is set in place: latency is an inference property).
+    Modules from ``ExportedProgram.module()`` refuse ``eval()``: their train/eval behaviour was
+    fixed when they were captured, so they are used as they are."""
     if isinstance(model, torch.export.ExportedProgram):
         return model.module()
     try:
@@ -418,7 +421,8 @@ class TorchTarget(Target):
             raise TypeError("target torch runs torch modules, not ONNX files; use --target ort-cpu for ONNX")
         device = self._device()
         module, _ = _cast(_as_module(model), example_inputs, self.torch_dtype)
-        module = module.to(device)
+        if device.type != "cpu":
+            module = copy.deepcopy(module).to(device)  # the caller's model stays where it is
         return TorchRunnable(module, device, self.torch_dtype, self.threads)
 
 

@@ -70,6 +70,17 @@ def test_onnx_two_inputs_integer_ids(tmp_path) -> None:
         np.testing.assert_allclose(_ort(rep.path, args), model(*args).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_onnx_dynamic_sequence(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    args = (torch.randint(0, 50, (2, 6)), torch.ones(2, 6))
+    seq = torch.export.Dim("seq")
+    longer = (torch.randint(0, 50, (2, 11)), torch.ones(2, 11))
+    rep = export_onnx(model, args, tmp_path / "tok.onnx", dynamic_shapes=({1: seq}, {1: seq}), extra_inputs=[longer])
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(rep.path, longer), model(*longer).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_onnx_external_data_lands_beside_the_model(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(export, "_INLINE_WEIGHT_LIMIT", 0)
     model, args = _net()

@@ -121,11 +121,18 @@ def test_swept_reentry_gains_and_removal_costs_match_resolves(d):
     for j, r in zip(keep.nonzero().reshape(-1).tolist(), rho.tolist()):
         _, f_minus = _optimum(H, G, _group_rows([g for g in keep.nonzero().reshape(-1).tolist() if g != j], d))
         assert r == pytest.approx(f_minus - f_R, rel=1e-8)
-    # joint add of two groups, then the sweep itself lands on the re-solved optimum
+    # a swap (drop D, re-add the t best) is scored exactly without sweeping: brute force agrees
+    kept_list = keep.nonzero().reshape(-1).tolist()
+    for drop, t in (([2], 1), ([0, 3], 2)):
+        add, change = state.swap(torch.tensor(drop), pruned, t, state.pruned_side(pruned))
+        rest = [g for g in kept_list if g not in drop]
+        _, f_rest = _optimum(H, G, _group_rows(rest, d))
+        gains = {j: f_rest - _optimum(H, G, _group_rows(rest + [j], d))[1] for j in pruned.tolist()}
+        assert sorted(add.tolist()) == sorted(sorted(gains, key=gains.get)[-t:])
+        _, f_swapped = _optimum(H, G, _group_rows(rest + add.tolist(), d))
+        assert change == pytest.approx(f_swapped - f_R, rel=1e-8)
+    # sweeping two groups in lands on the re-solved optimum
     both = torch.tensor([1, 4])
-    joint = state.joint_delta(both, add=True)
-    _, f_both = _optimum(H, G, _group_rows([0, 2, 3, 1, 4], d))
-    assert joint == pytest.approx(f_both - f_R, rel=1e-8)
     state.sweep(layer.rows(both), add=True)
     R2 = torch.tensor(_group_rows([0, 1, 2, 3, 4], d))
     W2, _ = _optimum(H, G, R2.tolist())

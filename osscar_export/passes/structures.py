@@ -340,17 +340,19 @@ class DimSpace:
 
     def occurrences(self, lay: Layout, leaf: int) -> list[tuple[int, int]]:
         """(offset, unit) of structure 0 of ``leaf`` inside ``lay``: structure i owns offset+i*unit+[0,unit)."""
-        e = self.expand(lay)
+        return self._occurrences(self.expand(lay), leaf)
+
+    def _occurrences(self, e: Layout, leaf: int) -> list[tuple[int, int]]:
         if isinstance(e, int):
             return [(0, 1)] if e == leaf else []
         kind, children = e
         if kind == "C":
             out, start = [], 0
             for c in children:
-                out += [(start + o, u) for o, u in self.occurrences(c, leaf)]
+                out += [(start + o, u) for o, u in self._occurrences(c, leaf)]
                 start += int(self.size_of(c))
             return out
-        hits = [j for j, c in enumerate(children) if leaf in self.leaves(c)]
+        hits = [j for j, c in enumerate(children) if _contains(c, leaf)]
         if not hits:
             return []
         if len(hits) > 1:
@@ -359,7 +361,7 @@ class DimSpace:
         inner = int(size_prod(self.size_of(c) for c in children[j + 1 :]))
         outer = int(size_prod(self.size_of(c) for c in children[:j]))
         span = int(self.size_of(children[j])) * inner
-        sub = self.occurrences(children[j], leaf)
+        sub = self._occurrences(children[j], leaf)
         return [(m * span + o * inner, u * inner) for m in range(outer) for o, u in sub]
 
     def describe(self, lay: Layout) -> str:
@@ -421,6 +423,7 @@ class GraphAnalysis:
         self.candidates: list[ShapeCandidate] = []
         self.touched: dict[fx.Node, list[Layout]] = {}
         self.rule_errors: list[str] = []
+        self._expand_cache: dict[Layout, Layout] = {}
         sig = ep.graph_signature
         self.fqn: dict[str, str] = {
             **sig.inputs_to_parameters,
@@ -531,7 +534,13 @@ class GraphAnalysis:
             return [lay for part in d if part is not None for lay in part]
         return []
 
-    # -- reading off the plan
+    # -- reading off the plan (no refinement happens any more: expanded layouts can be cached)
+    def _expanded(self, lay: Layout) -> Layout:
+        hit = self._expand_cache.get(lay)
+        if hit is None:
+            hit = self._expand_cache[lay] = self.space.expand(lay)
+        return hit
+
     def groups(self) -> tuple[list[StructureGroup], list[tuple[str, str]]]:
         sp = self.space
         infos: dict[int, ClassInfo] = defaultdict(ClassInfo)
@@ -620,7 +629,7 @@ class GraphAnalysis:
         for p, d in info.params:
             target = self.fqn[p.name]
             try:
-                occ = sp.occurrences(self.dims[p][d], leaf)
+                occ = sp._occurrences(self._expanded(self.dims[p][d]), leaf)
             except NotSliceable as exc:
                 raise _Blocked([f"{target}[dim {d}]: {exc}"]) from None
             units = {u for _, u in occ}
@@ -667,7 +676,7 @@ class GraphAnalysis:
         for ci in by_leaf_cands.get(leaf, []):
             c = self.candidates[ci]
             try:
-                units = [sum(u for _, u in self.space.occurrences(lay, leaf)) for lay in c.layouts]
+                units = [sum(u for _, u in self.space._occurrences(self._expanded(lay), leaf)) for lay in c.layouts]
             except NotSliceable as exc:
                 raise _Blocked([f"{self.where(c.node)}: shape constant: {exc}"]) from None
             if c.uniform and len(set(units)) != 1:
@@ -706,6 +715,13 @@ class _Blocked(Exception):
     def __init__(self, reasons: list[str]):
         super().__init__("; ".join(reasons))
         self.reasons = reasons
+
+
+def _contains(e: Layout, leaf: int) -> bool:
+    """Whether an expanded layout has ``leaf`` among its leaves."""
+    if isinstance(e, int):
+        return e == leaf
+    return any(_contains(c, leaf) for c in e[1])
 
 
 def _module_of(fqn: str) -> str:
