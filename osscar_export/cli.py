@@ -45,6 +45,7 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default=None, help="calibration data: bbc-news, natural-calib, a text file/folder, an image folder or a .pt file (default: by task)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration samples (windows, sentences or image crops; default 32)")
     p.add_argument("--n-eval", type=int, default=16, help="held-out samples for the quality metric (default 16)")
+    p.add_argument("--levels", type=int, default=16, help="kept-width levels per group for error curves and latency tables (default 16)")
     p.add_argument("--method", default="osscar", choices=["osscar", "osscar-fast", "greedy", "mp", "mp+"], help="layer solver (default osscar)")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense"], help="calibration of the final prune (default sequential)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out); never overwritten without --force")
@@ -91,7 +92,7 @@ def run(argv: list[str], console: Console) -> None:
     cfg = JobConfig(
         model=args.model, latency_ms=parse_budgets(args.latency_ms), speedup=parse_budgets(args.speedup),
         target=args.target, threads=args.threads, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
-        batch=args.batch, image_size=args.image_size, method=args.method, mode=args.mode, n_eval=args.n_eval,
+        batch=args.batch, image_size=args.image_size, levels=args.levels, method=args.method, mode=args.mode, n_eval=args.n_eval,
         out=args.out, force=args.force, tables=args.tables, seed=args.seed,
     )
     if not cfg.latency_ms and not cfg.speedup:

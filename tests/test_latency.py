@@ -89,6 +89,25 @@ def test_tensorrt_is_refused_without_tensorrt():
         target.compile(mlp(8), (torch.randn(2, 64),))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "ort-cuda", "tensorrt"])
+def test_gpu_targets_compute_the_model_and_order_latencies(name):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    settings = {"device": "cuda"} if name == "torch" else {}
+    target = get_target(name, **settings)
+    x = torch.randn(256, 256)
+    small, big = mlp(32, 256), mlp(8192, 256)
+    run = target.compile(small, (x,))
+    out = run(*run.prepare((x,)))
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    torch.testing.assert_close(torch.as_tensor(out).float().cpu(), small(x), rtol=1e-2, atol=1e-3)
+    assert "gpu" in target.fingerprint()
+    t_small = measure(target.compile(small, (x,)), (x,), FAST)
+    t_big = measure(target.compile(big, (x,)), (x,), FAST)
+    assert t_big.ms > t_small.ms
+
+
 def test_unknown_target_names_the_known_ones():
     with pytest.raises(TargetUnavailableError, match="ort-cpu"):
         get_target("tpu")

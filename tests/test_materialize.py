@@ -408,6 +408,16 @@ def test_gqa_whole_kv_groups() -> None:
         assert shape["model.layers.0.self_attn.o_proj.weight"] == (576, left * 3 * 64)
 
 
+def test_gqa_dynamic_sequence() -> None:
+    """A plan captured with a dynamic sequence gives a small model that runs at other lengths."""
+    model, args = models_zoo.llama_gqa()
+    plan = find_structures(model, args, dynamic_shapes=({1: torch.export.Dim("seq", min=2, max=32)},))
+    keep = random_keep(plan, 0.5, seed=11)
+    small, masked = materialize(model, plan, keep), apply_masks(model, plan, keep)
+    x = (torch.randint(0, models_zoo.VOCAB, (1, 13)),)
+    torch.testing.assert_close(outputs(small, x), outputs(masked, x), rtol=1e-4, atol=1e-5)
+
+
 def test_efficientnet_lite0_real_weights(tmp_path) -> None:
     """The real pretrained EfficientNet-lite0 (ReLU6 MBConv expansions), at a small image size."""
     from osscar_export.models import load_model

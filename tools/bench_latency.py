@@ -85,7 +85,8 @@ def main() -> None:
         table = measure_latency(plan, target, settings=settings, cache_dir=args.cache_dir or tmp, log=print)
     signatures = len(set(table.groups.values()))
     print(
-        f"table: {signatures} distinct regions, dense {table.dense_ms:.3f} ms, base {table.base_ms:.3f} ms, "
+        f"table: {signatures} distinct regions, dense {table.dense_ms:.3f} ms, fastest {table.fastest_ms} ms, "
+        f"fit: base {table.base_ms:.3f} ms + {table.scale:.3f} x regions, "
         f"{len(table.noisy)} noisy entries, built in {time.perf_counter() - t0:.0f} s"
     )
     for sig in sorted(set(table.groups.values())):

@@ -1,0 +1,114 @@
+"""The main job end to end on a tiny model: every artifact written, bad output folders refused."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from osscar_export.cli import main
+
+
+class TinyMLP(nn.Module):
+    """Two MLP blocks: two neuron groups whose width changes the latency."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.fc3 = nn.Linear(64, 256)
+        self.fc4 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc4(torch.relu(self.fc3(self.fc2(torch.relu(self.fc1(x))))))
+
+
+def tiny_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return TinyMLP().eval(), (torch.randn(32, 64),)
+
+
+@pytest.fixture()
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A module:factory spec, a .pt calibration file and private cache / table folders."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setenv("OSSCAR_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(1)
+    mix = torch.randn(64, 64) / 8  # correlated inputs, not white noise
+    calib = tmp_path / "calib.pt"
+    torch.save([(torch.randn(32, 64) @ mix,) for _ in range(4)], calib)
+    return {"spec": f"{__name__.rsplit('.', 1)[-1]}:tiny_mlp", "calib": str(calib), "tables": str(tmp_path / "tables")}
+
+
+def _args(tiny: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return [tiny["spec"], "--calib", tiny["calib"], "--n-calib", "4", "--levels", "4", "--tables", tiny["tables"], "--out", str(out), *extra]
+
+
+def test_job_writes_every_artifact(tiny: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "job"
+    assert main(_args(tiny, out, "--speedup", "1.3")) == 0
+    for name in ("model.onnx", "model.pt2", "report.json", "report.md", "tradeoff.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "report.json").read_text())
+    for key in ("budget_ms", "dense_ms", "predicted_ms", "measured_ms", "groups", "versions", "target"):
+        assert key in report
+    assert report["budget_ms"] == pytest.approx(report["dense_ms"] / 1.3)
+    assert report["predicted_ms"] <= report["budget_ms"] + 1e-9
+    kept = {g["name"]: g["kept"] for g in report["groups"]}
+    assert sum(kept.values()) < sum(g["count"] for g in report["groups"]), "a 1.3x budget must prune something"
+    small = torch.export.load(out / "model.pt2").module()
+    assert small(torch.randn(32, 64)).shape == (32, 10)
+    # A second run re-uses the latency table and the cached Gram matrices / curves.
+    tables = list(Path(tiny["tables"]).glob("*.json"))
+    assert len(tables) == 1
+    mtime = tables[0].stat().st_mtime_ns
+    assert main(_args(tiny, tmp_path / "job2", "--latency-ms", str(report["budget_ms"]))) == 0
+    assert tables[0].stat().st_mtime_ns == mtime
+
+
+def test_family_of_budgets(tiny: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "family"
+    assert main(_args(tiny, out, "--speedup", "1.2", "1.6")) == 0
+    summary = json.loads((out / "report.json").read_text())
+    assert set(summary["models"]) == {"1.2x", "1.6x"}
+    for label in ("1.2x", "1.6x"):
+        assert (out / label / "model.onnx").exists() and (out / label / "report.json").exists()
+    assert summary["models"]["1.6x"]["predicted_ms"] <= summary["models"]["1.2x"]["predicted_ms"]
+
+
+def test_refuses_existing_output_and_bad_budgets(tiny: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(_args(tiny, out, "--speedup", "1.3")) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    file_out = tmp_path / "a_file"
+    file_out.write_text("x")
+    assert main(_args(tiny, file_out, "--speedup", "1.3")) == 2
+    assert main(_args(tiny, tmp_path / "new", "--latency-ms", "-1")) == 2
+    assert main(_args(tiny, tmp_path / "new")) == 2  # no budget at all
+    assert not (tmp_path / "new").exists()
+
+
+def test_infeasible_budget_names_the_minimum(tiny: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "never"
+    assert main(_args(tiny, out, "--latency-ms", "0.000001")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "fastest configuration the table allows takes" in err
+    assert not out.exists()
+
+
+def test_inspect_lists_groups(tiny: dict[str, str], capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", tiny["spec"]]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "3 groups" in text and all(f"fc{i}.weight" in text for i in (2, 3, 4))
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
