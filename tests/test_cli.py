@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,16 +33,19 @@ def tiny_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return TinyMLP().eval(), (torch.randn(32, 64),)
 
 
-@pytest.fixture()
-def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """A module:factory spec, a .pt calibration file and private cache / table folders."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    monkeypatch.setenv("OSSCAR_CACHE", str(tmp_path / "cache"))
-    torch.manual_seed(1)
-    mix = torch.randn(64, 64) / 8  # correlated inputs, not white noise
-    calib = tmp_path / "calib.pt"
-    torch.save([(torch.randn(32, 64) @ mix,) for _ in range(4)], calib)
-    return {"spec": f"{__name__.rsplit('.', 1)[-1]}:tiny_mlp", "calib": str(calib), "tables": str(tmp_path / "tables")}
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A module:factory spec, a .pt calibration file and cache / table folders shared by the
+    module's tests, so the latency table is measured once (its re-use is itself tested)."""
+    root = tmp_path_factory.mktemp("tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).parent))
+        mp.setenv("OSSCAR_CACHE", str(root / "cache"))
+        torch.manual_seed(1)
+        mix = torch.randn(64, 64) / 8  # correlated inputs, not white noise
+        calib = root / "calib.pt"
+        torch.save([(torch.randn(32, 64) @ mix,) for _ in range(4)], calib)
+        yield {"spec": f"{__name__.rsplit('.', 1)[-1]}:tiny_mlp", "calib": str(calib), "tables": str(root / "tables")}
 
 
 def _args(tiny: dict[str, str], out: Path, *extra: str) -> list[str]:
@@ -65,9 +69,11 @@ def test_job_writes_every_artifact(tiny: dict[str, str], tmp_path: Path) -> None
     # A second run re-uses the latency table and the cached Gram matrices / curves.
     tables = list(Path(tiny["tables"]).glob("*.json"))
     assert len(tables) == 1
-    mtime = tables[0].stat().st_mtime_ns
+    cached = sorted(Path(os.environ["OSSCAR_CACHE"]).rglob("*"))
+    stamps = [p.stat().st_mtime_ns for p in [tables[0], *cached]]
     assert main(_args(tiny, tmp_path / "job2", "--latency-ms", str(report["budget_ms"]))) == 0
-    assert tables[0].stat().st_mtime_ns == mtime
+    assert [p.stat().st_mtime_ns for p in [tables[0], *cached]] == stamps
+    assert sorted(Path(os.environ["OSSCAR_CACHE"]).rglob("*")) == cached
 
 
 def test_family_of_budgets(tiny: dict[str, str], tmp_path: Path) -> None:
