@@ -134,10 +134,20 @@ def _budgets(cfg: JobConfig, table: LatencyTable) -> list[tuple[str, float]]:
     return budgets
 
 
-def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
-    """Run the whole job; the output folder appears only if every step succeeded."""
-    check_output_dir(cfg.out, cfg.force)
-    t_start = time.perf_counter()
+@dataclass
+class Prepared:
+    """What every budget of a job shares: the model, its plan, calibration, curves and table."""
+
+    loaded: LoadedModel
+    plan: StructurePlan
+    calibration: list[tuple]
+    curves: dict[str, Any]
+    table: LatencyTable
+    target: Target  # compiled for the model's example inputs
+
+
+def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
+    """Load → structures → calibration → Grams → error curves → latency table (all cached)."""
     torch.manual_seed(cfg.seed)
     target: Target = get_target(cfg.target, threads=cfg.threads)
 
@@ -157,33 +167,49 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
     grams = _cached_grams(plan, calibration, work, log)
     levels = [i / cfg.levels for i in range(1, cfg.levels + 1)]
+    log(f"error curves at {len(levels)} widths per group")
     curves = error_curves(plan, grams, levels, cache_dir=work / "curves")
 
     log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s))")
     table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, cache_dir=cfg.tables, log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
+    return Prepared(loaded, plan, calibration, curves, table, target.for_inputs(loaded.example_inputs))
+
+
+def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
+    """Run the whole job; the output folder appears only if every step succeeded."""
+    check_output_dir(cfg.out, cfg.force)
+    t_start = time.perf_counter()
+    prep = prepare(cfg, log)
+    loaded, plan, calibration, curves, table = prep.loaded, prep.plan, prep.calibration, prep.curves, prep.table
 
     budgets = _budgets(cfg, table)
     allocations = [(label, ms, allocate(curves, table, ms)) for label, ms in budgets]
     explored = tradeoff(curves, table, points=24)
 
     dense_module = plan.program.module()
-    compiled_target = target.for_inputs(loaded.example_inputs)
+    compiled_target = prep.target
     outcomes: list[Outcome] = []
     with atomic_dir(cfg.out) as staging:
         for label, budget, alloc in allocations:
             folder = staging if len(allocations) == 1 else staging / label
             folder.mkdir(parents=True, exist_ok=True)
             log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
+            stage = time.perf_counter()
             result = prune(None, calibration, method=cfg.method, mode=cfg.mode, plan=plan, keep_counts=alloc.widths)
+            log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
+            stage = time.perf_counter()
             onnx_report = export_onnx(result.model, loaded.example_inputs, folder / "model.onnx")
             pt2_report = save_program(result.model, loaded.example_inputs, folder / "model.pt2")
+            log(f"[{label}] exported ONNX and .pt2 in {time.perf_counter() - stage:.0f} s; measuring")
+            stage = time.perf_counter()
             timing = measure(compiled_target.compile(folder / "model.onnx", loaded.example_inputs), loaded.example_inputs)
             quality = evaluate_quality(loaded, result.model, dense_module, cfg.n_eval)
             outcome = Outcome(label, budget, alloc, result, timing.ms, timing.noisy, quality,
                               {"onnx": onnx_report, "pt2": pt2_report})
-            log(f"[{label}] measured {timing.ms:.2f} ms vs budget {budget:.2f} ms; {quality}")
+            log(f"[{label}] measured {timing.ms:.2f} ms{' (noisy)' if timing.noisy else ''} vs budget {budget:.2f} ms; "
+                f"{quality} (measure + quality {time.perf_counter() - stage:.0f} s)")
             outcomes.append(outcome)
         write_report(staging, cfg=cfg, loaded=loaded, plan=plan, table=table, target=compiled_target,
                      curves=curves, explored=explored, outcomes=outcomes,

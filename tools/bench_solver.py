@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="skip the large cases (p >= 4096)")
     ap.add_argument("--json", action="store_true", help="print one JSON line per measurement")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--p", default="", help="comma-separated p values to run (default: all cases)")
     ap.add_argument("--slow-max-p", type=int, default=4096, help="largest p for reference and greedy")
     ap.add_argument("--quality", action="store_true", help="only the small-instance quality statistics")
     ap.add_argument("--methods", default=",".join(("reference",) + METHODS), help="comma-separated subset")
@@ -162,7 +163,7 @@ def main() -> None:
         table.add_column(col, justify="right")
     results: dict[tuple, tuple[float, float, float]] = {}
     for p, m, d in CASES:
-        if args.small and p >= 4096:
+        if (args.small and p >= 4096) or (args.p and str(p) not in args.p.split(",")):
             continue
         XtX, W = make_case(p, m, d)
         n = p // d
