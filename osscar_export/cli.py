@@ -42,6 +42,9 @@ def _job_parser() -> argparse.ArgumentParser:
     budget.add_argument("--speedup", nargs="+", default=[], metavar="S", help="speedups over the dense model's measured latency")
     p.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "torch"], help="runtime to measure and meet the budget on")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default 1)")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "thread"],
+                   help="latency clock: wall time, or CPU time of the calling thread, which a shared machine's other "
+                   "load does not inflate (default auto: thread for single-threaded CPU targets, else wall)")
     p.add_argument("--calib", default=None, help="calibration data: bbc-news, natural-calib, a text file/folder, an image folder or a .pt file (default: by task)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration samples (windows, sentences or image crops; default 32)")
     p.add_argument("--n-eval", type=int, default=16, help="held-out samples for the quality metric (default 16)")
@@ -93,7 +96,7 @@ def run(argv: list[str], console: Console) -> None:
         model=args.model, latency_ms=parse_budgets(args.latency_ms), speedup=parse_budgets(args.speedup),
         target=args.target, threads=args.threads, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
         batch=args.batch, image_size=args.image_size, levels=args.levels, method=args.method, mode=args.mode, n_eval=args.n_eval,
-        out=args.out, force=args.force, tables=args.tables, seed=args.seed,
+        out=args.out, force=args.force, tables=args.tables, seed=args.seed, clock=args.clock,
     )
     if not cfg.latency_ms and not cfg.speedup:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")

@@ -25,7 +25,7 @@ from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeof
 from osscar_export.atomic import atomic_dir, atomic_path
 from osscar_export.errors import OsscarError
 from osscar_export.export import export_onnx, save_program
-from osscar_export.latency import LatencyTable, measure, measure_latency
+from osscar_export.latency import CLOCKS, LatencyTable, MeasureSettings, measure, measure_latency
 from osscar_export.models import LoadedModel, cache_dir, load_model
 from osscar_export.passes.calibrate import Calibrate, Grams
 from osscar_export.passes.structures import find_structures
@@ -59,6 +59,7 @@ class JobConfig:
     force: bool = False
     tables: Path = Path("latency_tables")
     seed: int = 0
+    clock: str = "auto"  # "wall", "thread", or "auto" (see measure_settings)
 
 
 @dataclass
@@ -144,6 +145,21 @@ class Prepared:
     curves: dict[str, Any]
     table: LatencyTable
     target: Target  # compiled for the model's example inputs
+    settings: MeasureSettings  # how the table was and every model is timed
+
+
+def measure_settings(clock: str, target: Target) -> MeasureSettings:
+    """``auto`` picks the thread CPU-time clock where it measures everything (single-threaded CPU
+    targets): on a shared machine, wall time of a 360 ms model swung 2x with the other tenants'
+    load while thread time stayed within 3%, and a table measured in wall time while the load
+    changed had a 2x step between two adjacent widths. Elsewhere it is wall time."""
+    if clock == "auto":
+        clock = "thread" if target.runs_on_calling_thread() else "wall"
+    if clock not in CLOCKS:
+        raise OsscarError(f"clock must be auto, {' or '.join(sorted(CLOCKS))}; got {clock!r}")
+    if clock == "thread" and not target.runs_on_calling_thread():
+        raise OsscarError(f"--clock thread only measures single-threaded CPU targets, not {target.name} with {target.threads} thread(s)")
+    return MeasureSettings(clock=clock)
 
 
 def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
@@ -170,11 +186,13 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     log(f"error curves at {len(levels)} widths per group")
     curves = error_curves(plan, grams, levels, cache_dir=work / "curves")
 
-    log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s))")
-    table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, cache_dir=cfg.tables, log=log)
+    settings = measure_settings(cfg.clock, target)
+    log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
+    table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
+                            cache_dir=cfg.tables, log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
-    return Prepared(loaded, plan, calibration, curves, table, target.for_inputs(loaded.example_inputs))
+    return Prepared(loaded, plan, calibration, curves, table, target.for_inputs(loaded.example_inputs), settings)
 
 
 def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
@@ -204,7 +222,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
             pt2_report = save_program(result.model, loaded.example_inputs, folder / "model.pt2")
             log(f"[{label}] exported ONNX and .pt2 in {time.perf_counter() - stage:.0f} s; measuring")
             stage = time.perf_counter()
-            timing = measure(compiled_target.compile(folder / "model.onnx", loaded.example_inputs), loaded.example_inputs)
+            timing = measure(compiled_target.compile(folder / "model.onnx", loaded.example_inputs), loaded.example_inputs, prep.settings)
             quality = evaluate_quality(loaded, result.model, dense_module, cfg.n_eval)
             outcome = Outcome(label, budget, alloc, result, timing.ms, timing.noisy, quality,
                               {"onnx": onnx_report, "pt2": pt2_report})

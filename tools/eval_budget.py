@@ -46,7 +46,7 @@ from osscar_export.allocate import allocate, tradeoff  # noqa: E402
 from osscar_export.atomic import write_text  # noqa: E402
 from osscar_export.errors import OsscarError  # noqa: E402
 from osscar_export.export import export_onnx  # noqa: E402
-from osscar_export.latency import LatencyTable, MeasureSettings, keep_first, measure  # noqa: E402
+from osscar_export.latency import LatencyTable, keep_first, measure  # noqa: E402
 from osscar_export.passes.materialize import materialize  # noqa: E402
 from osscar_export.pipeline import JobConfig, Prepared, prepare, run_job  # noqa: E402
 from osscar_export.prune import prune  # noqa: E402
@@ -75,13 +75,12 @@ class Timer:
     """Times compiled models on the job's target with the job's measurement settings."""
 
     prep: Prepared
-    settings: MeasureSettings
 
     def compile(self, model: torch.nn.Module | Path) -> Any:
         return self.prep.target.compile(model, self.prep.loaded.example_inputs)
 
     def ms(self, runnable: Any) -> tuple[float, bool]:
-        t = measure(runnable, self.prep.loaded.example_inputs, self.settings)
+        t = measure(runnable, self.prep.loaded.example_inputs, self.prep.settings)
         return t.ms, t.noisy
 
     def interleaved(self, runnables: Mapping[str, Any], rounds: int) -> dict[str, tuple[float, bool]]:
@@ -166,17 +165,18 @@ def materialized(prep: Prepared, widths: Mapping[str, int]) -> torch.nn.Module:
     return materialize(prep.plan.program.module(), prep.plan, keep)
 
 
-def match_uniform(prep: Prepared, timer: Timer, reference: Any, log: Log, tol: float = 0.03, tries: int = 4) -> dict[str, Any]:
+def match_uniform(prep: Prepared, timer: Timer, reference: Any, reference_predicted_ms: float, log: Log,
+                  tol: float = 0.03, tries: int = 3) -> dict[str, Any]:
     """A uniform fraction whose measured latency matches the reference model's measured one.
 
-    Start from the table's prediction, then rescale the prediction target by the measured ratio
-    (``reference / uniform``) until the two measured latencies, taken in alternation, agree
-    within ``tol``. Returns the fraction, its widths and the measurement history.
+    The first goal is the reference's own prediction (whatever error the table makes on the
+    allocated model it likely makes on the uniform one too); each further try rescales the goal
+    by the measured ratio ``reference / uniform``, both timed in alternation, until they agree
+    within ``tol``. Returns the best fraction, its widths and the measurement history.
     """
-    history = []
-    ref_ms = timer.ms(reference)[0]
-    goal = ref_ms
-    best = None
+    history: list[dict[str, float]] = []
+    goal = reference_predicted_ms
+    best: dict[str, Any] | None = None
     for attempt in range(tries):
         fraction = fraction_for(prep, goal)
         widths = uniform_widths(prep, fraction)
@@ -205,7 +205,7 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
         t0 = time.perf_counter()
         run_job(dataclasses.replace(cfg, out=run_dir), log=log)
         log(f"family job took {time.perf_counter() - t0:.0f} s")
-    timer = Timer(prep, MeasureSettings(clock=args.clock))
+    timer = Timer(prep)
     score = quality_fn(prep, args.n_eval)
     rows = []
     for s in args.speedup:
@@ -222,7 +222,7 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
         predicted = prep.table.predict(widths)
         log(f"[{label}] matching a uniform model to the allocated model's measured latency")
         allocated = timer.compile(folder / "model.onnx")
-        match = match_uniform(prep, timer, allocated, log)
+        match = match_uniform(prep, timer, allocated, predicted, log)
         uni = prune(None, prep.calibration, method=cfg.method, mode=cfg.mode, plan=prep.plan,
                     keep_counts=match["widths"], progress=False)
         uni_path = args.out / f"uniform-{label}" / "model.onnx"
@@ -248,7 +248,7 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
 
 def points(args: argparse.Namespace, prep: Prepared, log: Log) -> list[dict[str, Any]]:
     """Predicted vs measured latency of allocations spread over the whole budget range."""
-    timer = Timer(prep, MeasureSettings(clock=args.clock))
+    timer = Timer(prep)
     rows = []
     for i, a in enumerate(tradeoff(prep.curves, prep.table, points=args.points)):
         t0 = time.perf_counter()
@@ -301,7 +301,7 @@ def main() -> None:
     ap.add_argument("--tables", type=Path, default=Path("latency_tables"))
     ap.add_argument("--n-eval", type=int, default=32, help="held-out windows / images for the quality comparison")
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of allocated vs uniform")
-    ap.add_argument("--clock", choices=["wall", "thread"], default="wall", help="latency clock (the job uses wall)")
+    ap.add_argument("--clock", choices=["auto", "wall", "thread"], default="auto", help="latency clock, as the job's --clock")
     ap.add_argument("--skip-family", action="store_true", help="only the predicted-vs-measured points")
     ap.add_argument("--json", default=None, help="also write every number to this file")
     args = ap.parse_args()
@@ -311,10 +311,10 @@ def main() -> None:
     log: Log = lambda msg: console.log(msg)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
 
-    cfg = JobConfig(model=args.model, speedup=tuple(args.speedup), tables=args.tables)
+    cfg = JobConfig(model=args.model, speedup=tuple(args.speedup), tables=args.tables, clock=args.clock)
     t0 = time.perf_counter()
     prep = prepare(cfg, log)
-    result: dict[str, Any] = {"model": args.model, "clock": args.clock, "dense_ms": prep.table.dense_ms,
+    result: dict[str, Any] = {"model": args.model, "clock": prep.settings.clock, "dense_ms": prep.table.dense_ms,
                               "table": {"base_ms": prep.table.base_ms, "scale": prep.table.scale,
                                         "fastest_ms": prep.table.fastest_ms, "noisy": prep.table.noisy}}
     if not args.skip_family:
