@@ -77,7 +77,7 @@ def _markdown(r: Mapping[str, Any], label: str) -> str:
         f"Method {r['method']} ({r['mode']}), target {r['target']['name']} with {r['target']['threads']} thread(s), "
         f"{r['measurement']['clock']} clock.",
         "",
-        "Quality (held-out data): " + ", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()),
+        "Quality (held-out data): " + (", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()) or "no metric for this task"),
         "",
         "| group | kind | kept / total |",
         "|---|---|---|",

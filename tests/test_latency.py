@@ -332,3 +332,76 @@ def test_thread_clock_is_refused_for_multithreaded_targets(tiny_llama, tmp_path)
     _, _, plan = tiny_llama
     with pytest.raises(ValueError, match="single-threaded"):
         measure_latency(plan, get_target("ort-cpu", threads=2), settings=MeasureSettings(clock="thread"), cache_dir=tmp_path)
+
+
+class Stem(torch.nn.Module):
+    """A stem group spanning root-level modules: only the root owns all of its tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 64, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(64)
+        self.proj = torch.nn.Conv2d(64, 32, 3, padding=1)
+        self.body = torch.nn.Sequential(*(torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(6)))
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(self.proj(torch.relu(self.bn(self.conv(x)))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(monkeypatch):
+    from osscar_export import latency
+    from osscar_export.passes.materialize import materialize
+    from osscar_export.passes.structures import find_structures
+
+    torch.manual_seed(0)
+    model, inputs = Stem().eval(), (torch.randn(1, 3, 48, 48),)
+    plan = find_structures(model, inputs)
+    stem = plan.group("conv.channel")
+    assert latency._owning_paths(stem) == [""]  # no submodule owns it
+    timed: list[torch.fx.GraphModule] = []
+    compile_ = type(get_target("ort-cpu")).compile
+
+    def recording(self, module, example_inputs):
+        timed.append(module)
+        return compile_(self, module, example_inputs)
+
+    monkeypatch.setattr(type(get_target("ort-cpu")), "compile", recording)
+    target = get_target("ort-cpu")
+    settings = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2, clock="thread")
+    table = latency.measure_latency(plan, target, {g.name: [1, 32, g.count] for g in plan.groups}, settings=settings, cache_dir=None)
+    monkeypatch.undo()
+
+    # every region is a small part of the model; only the end-to-end points compile all of it
+    full_nodes = sum(n.op == "call_function" for n in plan.program.graph.nodes)
+    sizes = [sum(n.op == "call_function" for n in m.graph.nodes) for m in timed]
+    whole = [n for n in sizes if n > full_nodes // 2]
+    assert len(whole) == (1 if table.fastest_ms is None else 2), (sizes, full_nodes)
+    assert len(sizes) - len(whole) == sum(len(curve) for curve in table.times.values())
+    assert table.ms(stem.name, 1) < table.ms(stem.name, stem.count)
+
+    half = {stem.name: 32}
+    small = materialize(model, plan, {g: latency.keep_first(plan.group(g).count, k) for g, k in half.items()})
+    measured = measure(target.compile(small, inputs), inputs, settings).ms
+    predicted = table.predict(half)
+    assert abs(predicted - measured) / measured < 0.3, (predicted, measured, table.dense_ms, table.fastest_ms)
+
+
+def test_identical_regions_are_analysed_once(tiny_llama, monkeypatch):
+    from osscar_export import latency
+    from osscar_export.passes import structures
+
+    _, _, plan = tiny_llama
+    analysed: list[int] = []
+    find = structures.find_structures
+
+    def counting(*args, **kwargs):
+        analysed.append(1)
+        return find(*args, **kwargs)
+
+    monkeypatch.setattr(structures, "find_structures", counting)
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: latency.Timing(1.0, (1.0,), 0.0, 0.0, 1, False))
+    table = latency.measure_latency(plan, get_target("ort-cpu"), {g.name: [g.count] for g in plan.groups}, cache_dir=None)
+    # two identical decoder layers: each kind of region is analysed for the first layer only
+    assert len(analysed) == len(set(table.groups.values())) == len(plan.groups) // 2
