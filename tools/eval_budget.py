@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument("--run", default=None, help="output folder of an earlier `osscar-export MODEL --speedup ...` run to re-use")
     ap.add_argument("--tables", type=Path, default=Path("latency_tables"))
     ap.add_argument("--n-eval", type=int, default=32, help="held-out windows / images for the quality comparison")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds of allocated vs uniform")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating timing rounds of allocated vs uniform")
     ap.add_argument("--clock", choices=["auto", "wall", "thread"], default="auto", help="latency clock, as the job's --clock")
     ap.add_argument("--skip-family", action="store_true", help="only the predicted-vs-measured points")
     ap.add_argument("--json", default=None, help="also write every number to this file")
