@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -116,5 +115,18 @@ def test_inspect_lists_groups(tiny: dict[str, str], capsys: pytest.CaptureFixtur
     assert "3 groups" in text and all(f"fc{i}.weight" in text for i in (2, 3, 4))
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+
+def test_clock_choice_follows_the_target() -> None:
+    """Thread CPU time only where all work runs on the calling thread; a wrong choice is refused."""
+    from osscar_export.errors import OsscarError
+    from osscar_export.pipeline import measure_settings
+    from osscar_export.targets import get_target
+
+    one, four = get_target("ort-cpu", threads=1), get_target("ort-cpu", threads=4)
+    assert measure_settings("auto", one).clock == "thread"
+    assert measure_settings("auto", four).clock == "wall"
+    assert measure_settings("wall", one).clock == "wall"
+    with pytest.raises(OsscarError, match="single-threaded"):
+        measure_settings("thread", four)
+    with pytest.raises(OsscarError, match="clock must be"):
+        measure_settings("cpu", one)
