@@ -214,7 +214,6 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
             folder = staging if len(allocations) == 1 else staging / label
             folder.mkdir(parents=True, exist_ok=True)
             log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
-            stage = time.perf_counter()
             result = prune(None, calibration, method=cfg.method, mode=cfg.mode, plan=plan, keep_counts=alloc.widths)
             log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
             stage = time.perf_counter()
