@@ -130,3 +130,19 @@ def test_clock_choice_follows_the_target() -> None:
         measure_settings("thread", four)
     with pytest.raises(OsscarError, match="clock must be"):
         measure_settings("cpu", one)
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
+    """Temp files and folders are private (0600/0700); what replaces the target must not be."""
+    from osscar_export.atomic import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
