@@ -9,8 +9,6 @@ folder appears only when the whole job has succeeded.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +21,7 @@ import torch
 from osscar_export import __version__
 from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
 from osscar_export.atomic import atomic_dir, atomic_path
+from osscar_export.digest import digest
 from osscar_export.errors import OsscarError
 from osscar_export.export import export_onnx, save_program
 from osscar_export.latency import CLOCKS, LatencyTable, MeasureSettings, measure, measure_latency
@@ -76,16 +75,6 @@ class Outcome:
     artifacts: dict[str, Any] = field(default_factory=dict)
 
 
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, torch.Tensor):
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
-
-
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse an existing non-empty output folder (or a file in its place) unless forced."""
     if out.exists() and not out.is_dir():
@@ -96,7 +85,7 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 def _cached_grams(plan: StructurePlan, calibration: list[tuple], work: Path, log: Log) -> Grams:
     """Dense Gram matrices, re-used from ``work`` when the graph and calibration data match."""
-    key = _digest(plan.program.graph_module.code, *(t for b in calibration for t in b))
+    key = digest(plan.program.graph_module.code, *(t for b in calibration for t in b))[:20]
     path = work / f"grams-{key}.pt"
     if path.exists():
         log(f"re-using Gram matrices from {path}")
@@ -178,7 +167,7 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     from osscar_export.data import load_calibration
 
     calibration = load_calibration(cfg.calib, loaded, cfg.n_calib, cfg.seed)
-    work = cache_dir() / "runs" / _digest(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, cfg.n_calib, cfg.seed)
+    work = cache_dir() / "runs" / digest(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, cfg.n_calib, cfg.seed)[:20]
     work.mkdir(parents=True, exist_ok=True)
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
     grams = _cached_grams(plan, calibration, work, log)

@@ -13,8 +13,6 @@ splits back per consumer.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 
 from osscar_export import solver
 from osscar_export.atomic import atomic_path
+from osscar_export.digest import digest
 from osscar_export.errors import CalibrationDataError, PlanError
 from osscar_export.passes.calibrate import (
     Grams,
@@ -303,11 +302,7 @@ def curve_widths(group: StructureGroup, levels: Sequence[float] | Mapping[str, S
 
 
 def _cache_key(problem: LayerProblem, widths: list[int], method: str, damp: float) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps({"group": problem.group, "widths": widths, "method": method, "damp": damp, "d": problem.d}).encode())
-    for t in (problem.H, problem.W):
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return digest({"group": problem.group, "widths": widths, "method": method, "damp": damp, "d": problem.d}, problem.H, problem.W)
 
 
 def error_curves(
