@@ -21,6 +21,7 @@ budget allows it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,8 @@ _ROUND_SLACK = 1e-9
 
 @dataclass(frozen=True)
 class Allocation:
-    """Chosen widths, the table's (un-discretised) prediction and the summed normalised loss."""
+    """Chosen widths, the table's (un-discretised) prediction and the summed normalised loss
+    (without the weights the knapsack may have used, so allocations compare)."""
 
     widths: dict[str, int]
     predicted_ms: float
@@ -56,8 +58,9 @@ class _Options:
     loss: np.ndarray  # normalised
 
 
-def _options(curves: Curves, table: LatencyTable) -> tuple[list[_Options], float]:
-    """Candidates per group (curve widths the table measured) and the fixed time of the rest."""
+def _options(curves: Curves, table: LatencyTable, weights: Mapping[str, float] | None = None) -> tuple[list[_Options], float]:
+    """Candidates per group (curve widths the table measured) and the fixed time of the rest;
+    ``weights`` (group name → multiplier, default 1) scale the normalised losses."""
     missing = sorted(set(curves) - set(table.groups))
     if missing:
         raise LatencyTableError(f"latency table has no group(s) {missing[:5]}: it was measured for another plan")
@@ -80,7 +83,10 @@ def _options(curves: Curves, table: LatencyTable) -> tuple[list[_Options], float
         widths, losses = widths[order], losses[order]
         norm = float(np.abs(losses).max()) or 1.0
         ms = table.scale * np.array([table.ms(name, int(w)) for w in widths])
-        options.append(_Options(name, widths, ms, losses / norm))
+        weight = float(weights.get(name, 1.0)) if weights else 1.0
+        if not (math.isfinite(weight) and weight > 0):
+            raise PlanError(f"loss weight of {name!r} must be a positive number, got {weight}")
+        options.append(_Options(name, widths, ms, weight * losses / norm))
     fixed = table.base_ms + table.scale * sum(table.ms(g, table.full_width(g)) for g in table.groups if g not in curves)
     return options, fixed
 
@@ -91,14 +97,16 @@ def min_latency_ms(curves: Curves, table: LatencyTable) -> float:
     return fixed + sum(float(o.ms.min()) for o in options)
 
 
-def allocate(curves: Curves, table: LatencyTable, budget_ms: float, *, buckets: int = 10_000) -> Allocation:
+def allocate(curves: Curves, table: LatencyTable, budget_ms: float, *, buckets: int = 10_000,
+             weights: Mapping[str, float] | None = None) -> Allocation:
     """Widths for the groups in ``curves`` (others stay full) meeting ``budget_ms``, least loss.
 
-    O(groups x widths x buckets), vectorised over buckets and widths per group.
+    ``weights`` multiplies each group's normalised curve (sensitivity coefficients, as SPDY fits;
+    see ``search``). O(groups x widths x buckets), vectorised over buckets and widths per group.
     """
     if buckets < 1:
         raise ValueError(f"buckets must be >= 1, got {buckets}")
-    options, fixed = _options(curves, table)
+    options, fixed = _options(curves, table, weights)
     fastest = fixed + sum(float(o.ms.min()) for o in options)
     if fastest > budget_ms:
         raise InfeasibleBudgetError(
@@ -132,9 +140,13 @@ def allocate(curves: Curves, table: LatencyTable, budget_ms: float, *, buckets: 
         widths[o.name] = int(o.widths[i])
         b -= int(tau[i])
     widths = {o.name: widths[o.name] for o in options}
-    loss = float(sum(o.loss[list(o.widths).index(widths[o.name])] for o in options))
-    predicted = table.predict(widths)
-    return Allocation(widths, predicted, loss, budget_ms)
+    return Allocation(widths, table.predict(widths), normalised_loss(curves, table, widths), budget_ms)
+
+
+def normalised_loss(curves: Curves, table: LatencyTable, widths: Mapping[str, int]) -> float:
+    """Summed normalised (unweighted) loss of an allocation: comparable across allocations."""
+    options, _ = _options(curves, table)
+    return float(sum(o.loss[list(o.widths).index(widths[o.name])] for o in options))
 
 
 def tradeoff(curves: Curves, table: LatencyTable, budgets_ms: Sequence[float] | None = None, *,

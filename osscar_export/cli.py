@@ -51,6 +51,9 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=16, help="kept-width levels per group for error curves and latency tables (default 16)")
     p.add_argument("--method", default="osscar", choices=["osscar", "osscar-fast", "greedy", "mp", "mp+"], help="layer solver (default osscar)")
     p.add_argument("--mode", default="sequential", choices=["sequential", "dense"], help="calibration of the final prune (default sequential)")
+    p.add_argument("--no-search", action="store_true",
+                   help="take the knapsack's allocation as is instead of scoring candidate allocations "
+                   "(re-weighted knapsacks and uniform) end to end on the calibration data")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out); never overwritten without --force")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--tables", type=Path, default=Path("latency_tables"), help="folder of latency tables (default ./latency_tables)")
@@ -97,6 +100,7 @@ def run(argv: list[str], console: Console) -> None:
         target=args.target, threads=args.threads, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
         batch=args.batch, image_size=args.image_size, levels=args.levels, method=args.method, mode=args.mode, n_eval=args.n_eval,
         out=args.out, force=args.force, tables=args.tables, seed=args.seed, clock=args.clock,
+        search=not args.no_search,
     )
     if not cfg.latency_ms and not cfg.speedup:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")

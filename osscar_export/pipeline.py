@@ -1,6 +1,7 @@
 """The main job: model + latency budget → a smaller model that meets it, with the evidence.
 
-capture → structures → calibrate → error curves → latency table → allocate → sequential OSSCAR
+capture → structures → calibrate → error curves → latency table → allocate (knapsack candidates
+scored end to end) → sequential OSSCAR
 → materialize → export → measure → report (DESIGN.md §2). Expensive intermediate results (Gram
 matrices, error curves, latency tables) are cached on disk keyed by what they depend on, so an
 interrupted run resumes where it stopped; every artifact is written atomically and the output
@@ -31,6 +32,7 @@ from osscar_export.passes.structures import find_structures
 from osscar_export.plan import StructurePlan
 from osscar_export.prune import PruneResult, error_curves, prune
 from osscar_export.report import write_report
+from osscar_export.search import Candidate, Scorer, search_allocation
 from osscar_export.targets import Target, get_target
 
 Log = Callable[[str], None]
@@ -59,6 +61,7 @@ class JobConfig:
     tables: Path = Path("latency_tables")
     seed: int = 0
     clock: str = "auto"  # "wall", "thread", or "auto" (see measure_settings)
+    search: bool = True  # score candidate allocations end to end (search.py); False: the plain knapsack
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Outcome:
     label: str
     budget_ms: float
     allocation: Allocation
+    candidates: list[Candidate]  # allocations scored end to end by the search (empty without it)
     result: PruneResult
     measured_ms: float
     noisy: bool
@@ -131,10 +135,13 @@ class Prepared:
     loaded: LoadedModel
     plan: StructurePlan
     calibration: list[tuple]
+    grams: Grams  # dense, of the calibration data
     curves: dict[str, Any]
+    curves_dir: Path  # the error curves' cache (with their supports)
     table: LatencyTable
     target: Target  # compiled for the model's example inputs
     settings: MeasureSettings  # how the table was and every model is timed
+    scorer: Scorer | None = None  # built on first use: it memoises solves across budgets
 
 
 def measure_settings(clock: str, target: Target) -> MeasureSettings:
@@ -181,7 +188,18 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
                             cache_dir=cfg.tables, log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
-    return Prepared(loaded, plan, calibration, curves, table, target.for_inputs(loaded.example_inputs), settings)
+    return Prepared(loaded, plan, calibration, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
+
+
+def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:
+    """The knapsack's allocation, or with ``search`` the best candidate scored end to end."""
+    if not search:
+        return allocate(prep.curves, prep.table, budget_ms), []
+    if prep.scorer is None:
+        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, prep.calibration, prep.loaded.task, cache_dir=prep.curves_dir)
+    log(f"searching allocations for {budget_ms:.2f} ms (end-to-end loss on {len(prep.scorer.batches)} calibration batches)")
+    kinds = {name: prep.plan.group(name).kind for name in prep.curves}
+    return search_allocation(prep.curves, prep.table, budget_ms, kinds, prep.scorer, log)
 
 
 def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
@@ -192,14 +210,14 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     loaded, plan, calibration, curves, table = prep.loaded, prep.plan, prep.calibration, prep.curves, prep.table
 
     budgets = _budgets(cfg, table)
-    allocations = [(label, ms, allocate(curves, table, ms)) for label, ms in budgets]
+    allocations = [(label, ms, *choose_allocation(prep, ms, cfg.search, log)) for label, ms in budgets]
     explored = tradeoff(curves, table, points=24)
 
     dense_module = plan.program.module()
     compiled_target = prep.target
     outcomes: list[Outcome] = []
     with atomic_dir(cfg.out) as staging:
-        for label, budget, alloc in allocations:
+        for label, budget, alloc, candidates in allocations:
             folder = staging if len(allocations) == 1 else staging / label
             folder.mkdir(parents=True, exist_ok=True)
             log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
@@ -212,7 +230,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
             stage = time.perf_counter()
             timing = measure(compiled_target.compile(folder / "model.onnx", loaded.example_inputs), loaded.example_inputs, prep.settings)
             quality = evaluate_quality(loaded, result.model, dense_module, cfg.n_eval)
-            outcome = Outcome(label, budget, alloc, result, timing.ms, timing.noisy, quality,
+            outcome = Outcome(label, budget, alloc, candidates, result, timing.ms, timing.noisy, quality,
                               {"onnx": onnx_report, "pt2": pt2_report})
             log(f"[{label}] measured {timing.ms:.2f} ms{' (noisy)' if timing.noisy else ''} vs budget {budget:.2f} ms; "
                 f"{quality} (measure + quality {time.perf_counter() - stage:.0f} s)")

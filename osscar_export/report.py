@@ -57,6 +57,11 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
         "groups": groups,
         "blocked": [list(b) for b in plan.blocked],
         "parity": parity,
+        "allocation_search": [
+            {"candidate": c.name, "predicted_ms": c.allocation.predicted_ms, "normalised_loss": c.allocation.loss,
+             "calibration_loss": c.score, "chosen": c.allocation is o.allocation}
+            for c in o.candidates
+        ],
         "prune_seconds": o.result.seconds,
         "versions": dict(environment),
     }
@@ -79,6 +84,10 @@ def _markdown(r: Mapping[str, Any], label: str) -> str:
         "",
         "Quality (held-out data): " + (", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()) or "no metric for this task"),
         "",
+        *(["Allocation search (end-to-end loss on the calibration data; lowest chosen):", "",
+            "| candidate | predicted ms | calibration loss | |", "|---|---|---|---|",
+            *(f"| {c['candidate']} | {c['predicted_ms']:.3f} | {c['calibration_loss']:.5g} | {'chosen' if c['chosen'] else ''} |"
+              for c in r["allocation_search"]), ""] if r["allocation_search"] else []),
         "| group | kind | kept / total |",
         "|---|---|---|",
         *(f"| {g['name']} | {g['kind']} | {g['kept']} / {g['count']} |" for g in r["groups"]),

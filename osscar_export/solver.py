@@ -561,6 +561,17 @@ def prune_layer(
     return LayerSolution(mask, weight, loss, method)
 
 
+def refit(XtX: torch.Tensor, W: torch.Tensor, group_size: int, keep: torch.Tensor, damp: float = 0.01) -> LayerSolution:
+    """The exact re-fit of one layer on a support chosen elsewhere (``keep``: bool per group), e.g.
+    a width of an error curve: what every re-fitting method does once it has its support."""
+    layer = _prepare(XtX, W, group_size, damp)
+    keep = torch.as_tensor(keep, dtype=torch.bool, device=layer.H.device).reshape(-1)
+    if keep.numel() != layer.n:
+        raise ValueError(f"keep has {keep.numel()} entries for {layer.n} groups")
+    weight, loss = _refit(layer, keep)
+    return LayerSolution(keep, weight, loss, "refit")
+
+
 def error_curve(
     XtX: torch.Tensor,
     W: torch.Tensor,

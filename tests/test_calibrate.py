@@ -187,3 +187,68 @@ def test_dynamic_batch_dim_accepts_other_sizes():
     torch.testing.assert_close(grams.xtx["fc2.weight"], x1.T @ x1, rtol=1e-5, atol=1e-5)
     with pytest.raises(CalibrationDataError, match=r"\(\*, 6\)"):
         check_batches(plan, [torch.randn(3, 5)])
+
+
+class TinyEncoder(nn.Module):
+    """Embedding + one masked mixing step + MLP: an encoder whose padded positions have real
+    (non-zero, input-dependent) activations, like a BERT at its [PAD] tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        keys = attention_mask.unsqueeze(-1).to(h.dtype)
+        h = h + (h * keys).sum(1, keepdim=True) / keys.sum(1, keepdim=True)  # pads attend to tokens only
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def encoder_plan() -> tuple[TinyEncoder, StructurePlan]:
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    example = (torch.randint(0, 11, (2, 5)), torch.ones(2, 5, dtype=torch.long))
+    ep = torch.export.export(model, example, strict=False)
+    return model, StructurePlan(ep, example, [channel_group(ep, "fc1.neuron", "fc1", "fc2", 8)])
+
+
+def padded_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for lengths in ((5, 2), (3, 1)):
+        ids = torch.randint(1, 11, (2, 5), generator=gen)
+        mask = (torch.arange(5) < torch.tensor(lengths)[:, None]).long()
+        out.append((ids * mask, mask))  # pad id 0
+    return out
+
+
+def test_padded_positions_are_not_calibration_rows_in_either_mode():
+    model, plan = encoder_plan()
+    batches = padded_batches()
+    real = []
+    for ids, mask in batches:
+        h = model.emb(ids)
+        keys = mask.unsqueeze(-1).float()
+        x = torch.relu(model.fc1(h + (h * keys).sum(1, keepdim=True) / keys.sum(1, keepdim=True)))
+        real.append(x[mask.bool()])
+    x = torch.cat(real).double().detach()
+    dense = Calibrate()(plan, batches, progress=False).value
+    torch.testing.assert_close(dense.xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
+    assert dense.rows == {"fc2.weight": 5 + 2 + 3 + 1}
+    sequential = SequentialCalibrator(plan, plan.program.module(), batches)
+    staged = sequential.stage(plan.groups[0])
+    torch.testing.assert_close(staged.xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
+    # what sits at the padded positions cannot change the Grams
+    noisy = [(torch.where(m.bool(), ids, torch.randint(1, 11, ids.shape)), m) for ids, m in batches]
+    torch.testing.assert_close(Calibrate()(plan, noisy, progress=False).value.xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float_attention_mask_is_not_read_as_padding():
+    """An additive float mask is not the 0/1 convention: every row stays a calibration row."""
+    ids, mask = padded_batches()[0]
+    model = TinyEncoder().eval()
+    ep = torch.export.export(model, (ids, mask.float()), strict=False)
+    plan = StructurePlan(ep, (ids, mask.float()), [channel_group(ep, "fc1.neuron", "fc1", "fc2", 8)])
+    grams = Calibrate()(plan, [(ids, mask.float())], progress=False).value
+    assert grams.rows == {"fc2.weight": ids.numel()}

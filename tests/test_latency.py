@@ -306,10 +306,11 @@ def test_measure_latency_measures_identical_layers_once_and_predicts_end_to_end(
     mlp = next(g for g in plan.groups if g.kind == "neuron")
     assert table.ms(mlp.name, 1) < table.ms(mlp.name, mlp.count)
 
-    # the calibrated model goes through its two measured end-to-end points
+    # the fit passes near every allocation it was calibrated on, the fastest one among them
     assert table.fastest_ms is not None and table.scale > 0
-    assert table.predict({}) == pytest.approx(table.dense_ms)
-    assert table.predict(table.fastest_widths()) == pytest.approx(table.fastest_ms)
+    assert {c.label for c in table.calibration} >= {"dense", "fastest"}
+    for c in table.calibration:
+        assert abs(table.predict(c.widths) - c.ms) / c.ms < 0.25, (c, table.predict(c.widths))
     # ... and predicts a third allocation it was not fitted on
     half = {g.name: g.count // 2 if g.kind == "neuron" else g.count for g in plan.groups}
     small = materialize(model, plan, {g: latency.keep_first(plan.group(g).count, k) for g, k in half.items()})
@@ -377,7 +378,7 @@ def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(mo
     full_nodes = sum(n.op == "call_function" for n in plan.program.graph.nodes)
     sizes = [sum(n.op == "call_function" for n in m.graph.nodes) for m in timed]
     whole = [n for n in sizes if n > full_nodes // 2]
-    assert len(whole) == (1 if table.fastest_ms is None else 2), (sizes, full_nodes)
+    assert len(whole) == len(table.calibration), (sizes, full_nodes)  # each calibration point compiled once
     assert len(sizes) - len(whole) == sum(len(curve) for curve in table.times.values())
     assert table.ms(stem.name, 1) < table.ms(stem.name, stem.count)
 

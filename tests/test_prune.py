@@ -213,3 +213,17 @@ def test_prune_without_a_plan_finds_structures_and_matches_the_masked_model(buil
     masked = apply_masks(model, result.plan, result.keep, result.weights)
     with torch.no_grad():
         torch.testing.assert_close(result.model(*example), masked(*example), rtol=1e-4, atol=1e-4)
+
+
+def test_curve_widths_align_channels_and_keep_heads_whole():
+    from osscar_export.prune import ALIGN, curve_widths
+    from osscar_export.plan import StructureGroup
+
+    levels = [i / 16 for i in range(1, 17)]
+    channels = StructureGroup(name="c", kind="channel", count=144, unit=1, producers=[], followers=[], consumers=[])
+    widths = curve_widths(channels, levels)
+    assert all(w % ALIGN == 0 for w in widths) and widths[-1] == 144 and len(widths) == 16
+    heads = StructureGroup(name="h", kind="kv_group", count=3, unit=64, producers=[], followers=[], consumers=[])
+    assert curve_widths(heads, levels) == [1, 2, 3]
+    small = StructureGroup(name="s", kind="neuron", count=12, unit=1, producers=[], followers=[], consumers=[])
+    assert curve_widths(small, levels) == sorted({max(1, round(f * 12)) for f in levels})

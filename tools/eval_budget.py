@@ -42,7 +42,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osscar_export import data, evaluate  # noqa: E402
-from osscar_export.allocate import allocate, tradeoff  # noqa: E402
+from osscar_export.allocate import tradeoff  # noqa: E402
 from osscar_export.atomic import write_text  # noqa: E402
 from osscar_export.errors import OsscarError  # noqa: E402
 from osscar_export.export import export_onnx  # noqa: E402
@@ -225,12 +225,10 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
         folder = run_dir if len(args.speedup) == 1 else run_dir / label
         report = json.loads((folder / "report.json").read_text())
         budget = prep.table.dense_ms / s
-        alloc = allocate(prep.curves, prep.table, budget)
-        job_widths = {g["name"]: g["allocated"] for g in report["groups"] if g["name"] in prep.curves}
-        if job_widths != alloc.widths:
-            log(f"[yellow]{label}: the job's allocation differs from a re-allocation on this table "
-                f"(the table was re-measured?); using the job's widths")
-        widths = job_widths
+        widths = {g["name"]: g["allocated"] for g in report["groups"] if g["name"] in prep.curves}
+        if abs(report["dense_ms"] - prep.table.dense_ms) > 1e-9 * prep.table.dense_ms:
+            log(f"[yellow]{label}: the job used another latency table (dense {report['dense_ms']:.2f} ms, "
+                f"now {prep.table.dense_ms:.2f} ms); predictions below use the current one")
         predicted = prep.table.predict(widths)
         log(f"[{label}] matching a uniform model to the allocated model's measured latency")
         allocated = timer.compile(folder / "model.onnx")

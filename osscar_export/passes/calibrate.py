@@ -16,6 +16,12 @@ the live values of a saved state in sequential mode. Rows follow ``Consumer.inpu
 Linear/matmul features, Conv input channels unfolded channel-major (``c·kh·kw + a·kw + b``).
 Grams are keyed by the consumer's weight FQN; a weight used by several nodes sums their Grams,
 which is exactly its layer problem.
+
+Padding is not data: when the model has an input named ``attention_mask`` (the Hugging Face
+convention, 1 = token, 0 = padding; bool or integer, ``(batch, seq)``), the rows of padded
+positions are left out of every token-shaped Gram (a Linear/matmul input whose leading dims are
+the mask's). Their outputs reach no real token (the keys are masked) and no pooled embedding,
+yet with sentences padded to a fixed length they are most of the rows and would steer the re-fit.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from tqdm.auto import tqdm
 from osscar_export.errors import CalibrationDataError, PlanError
 from osscar_export.passes.base import Pass, PassResult
 from osscar_export.plan import Consumer, StructureGroup, StructurePlan
+
+# The input that marks padding (Hugging Face models): its zero positions are not calibration rows.
+TOKEN_MASK_INPUT = "attention_mask"
 
 # The activation operand and the weight operand of each consumer op, by schema argument name.
 _OPERANDS: dict[str, tuple[str, str]] = {
@@ -83,7 +92,7 @@ class Grams:
     """``XᵀX`` per consumer weight FQN (float64, ``p x p``, rows as ``Consumer.input_major``)."""
 
     xtx: dict[str, torch.Tensor]
-    rows: dict[str, int]  # calibration rows (tokens / patches) accumulated per weight
+    rows: dict[str, int]  # calibration rows (real tokens / patches) accumulated per weight
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (group name, reason)
 
 
@@ -159,6 +168,7 @@ class RunState:
 
     pos: int
     env: dict[Node, object]
+    tokens: torch.Tensor | None = None  # bool (batch, seq): real tokens, from the attention_mask input
 
 
 class GraphRunner:
@@ -173,6 +183,7 @@ class GraphRunner:
         self.nodes = list(gm.graph.nodes)
         self.pos = {n.name: i for i, n in enumerate(self.nodes)}
         self.placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.mask_input = next((i for i, n in enumerate(self.placeholders) if n.name == TOKEN_MASK_INPUT), None)
         last_use: dict[Node, int] = {}
         for i, n in enumerate(self.nodes):
             for arg in n.all_input_nodes:
@@ -189,7 +200,17 @@ class GraphRunner:
         flat = pytree.tree_leaves(tuple(inputs))
         if len(flat) != len(self.placeholders):
             raise CalibrationDataError(f"a calibration batch has {len(flat)} tensors, the model takes {len(self.placeholders)}")
-        return RunState(0, dict(zip(self.placeholders, flat)))
+        return RunState(0, dict(zip(self.placeholders, flat)), self._tokens(flat))
+
+    def _tokens(self, flat: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """Real-token mask of a batch; None (every row counts) unless ``attention_mask`` is a bool
+        or integer (batch, seq) tensor: a float or 4-d mask is additive, not a padding flag."""
+        if self.mask_input is None:
+            return None
+        mask = flat[self.mask_input]
+        if mask.is_floating_point() or mask.is_complex() or mask.dim() != 2:
+            return None
+        return mask != 0
 
     def advance(self, state: RunState, stop: int, visit: Callable[[Node, dict], None] | None = None) -> RunState:
         """Run nodes ``state.pos .. stop-1`` in place on ``state``; ``visit`` sees each before it runs."""
@@ -210,19 +231,26 @@ class GraphRunner:
 
 
 class _Accumulator:
-    """Adds each visited consumer's ``XᵀX`` into float64 sums keyed by weight FQN."""
+    """Adds each visited consumer's ``XᵀX`` into float64 sums keyed by weight FQN.
+
+    ``tokens`` is the current batch's real-token mask (set per batch); padded rows are skipped.
+    """
 
     def __init__(self, inputs: Iterable[ConsumerInput]):
         self.by_node = {ci.node: ci for ci in inputs}
         self.xtx: dict[str, torch.Tensor] = {}
         self.rows: dict[str, int] = {}
+        self.tokens: torch.Tensor | None = None
 
     def __call__(self, node: Node, env: dict) -> None:
         ci = self.by_node.get(node.name)
         if ci is None:
             return
         kwargs = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-        x = ci.rows(env[kwargs[ci.operand]])
+        activation = env[kwargs[ci.operand]]
+        x = ci.rows(activation)
+        if self.tokens is not None and not ci.kernel and activation.shape[:-1] == self.tokens.shape:
+            x = x[self.tokens.reshape(-1).to(x.device)]
         gram = (x.T @ x).double()
         if ci.weight in self.xtx:
             self.xtx[ci.weight] += gram
@@ -276,7 +304,9 @@ def dense_grams(plan: StructurePlan, gm: GraphModule, batches: Sequence[tuple], 
     stop = max((runner.pos[ci.node] for ci in inputs), default=-1) + 1
     acc = _Accumulator(inputs)
     for batch in tqdm(batches, desc="calibrate (dense)", disable=not progress or len(batches) < 2, leave=False):
-        runner.advance(runner.start(batch), stop, acc)
+        state = runner.start(batch)
+        acc.tokens = state.tokens
+        runner.advance(state, stop, acc)
     return Grams(acc.xtx, acc.rows)
 
 
@@ -309,7 +339,8 @@ class SequentialCalibrator:
         acc = _Accumulator(inputs)
         for k, state in enumerate(self.states):
             self.runner.advance(state, first)
-            self.states[k] = RunState(first, dict(state.env))
+            self.states[k] = RunState(first, dict(state.env), state.tokens)
+            acc.tokens = state.tokens
             self.runner.advance(state, stop, acc)
         return Grams(acc.xtx, acc.rows)
 

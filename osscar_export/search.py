@@ -1,0 +1,184 @@
+"""Choose the allocation by its end-to-end loss on calibration data (SPDY's idea, made cheap).
+
+The knapsack (``allocate``) adds per-group layer losses, each normalised by its own curve's
+maximum. Those units do not say how much a layer's error hurts the model's output: on
+SmolLM2-135M at 1.5x the plain sum kept every KV group and cut the MLPs deep, and lost to uniform
+pruning (held-out perplexity 197 vs 156 at the same measured latency). SPDY repairs the sum with
+per-layer sensitivity coefficients searched against the end-to-end loss; a full SPDY search
+needs hundreds of model evaluations, so this searches one coefficient per group *kind* (a
+geometric grid, the other kinds at 1) and adds the uniform allocation (every group at about one
+keep fraction) as a candidate. Each candidate is built cheaply: every group's support is its
+error curve's support at the chosen width (stored with the curve), re-fitted
+exactly on the dense Gram matrices and written into a working copy of the dense model, which is scored on a few calibration batches
+(and restored); the lowest score wins. The final model is then pruned afresh,
+sequentially, at the winner's widths.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from osscar_export.allocate import Allocation, Curves, allocate, normalised_loss
+from osscar_export.latency import LatencyTable
+from osscar_export.passes.calibrate import Grams
+from osscar_export.plan import StructurePlan
+from osscar_export.prune import GroupSolution, group_curve, solve_group, write_group
+
+Batch = tuple[torch.Tensor, ...]
+Log = Callable[[str], None]
+
+# Coefficients tried for each group kind (relative to the others): a factor 8 either way covers
+# the KV-vs-MLP mis-weighting seen on SmolLM2 with room to spare.
+KIND_FACTORS = (0.125, 0.25, 0.5, 2.0, 4.0, 8.0)
+# Calibration batches each candidate is scored on: candidates are compared on the same data (paired),
+# so a few batches separate them; every batch costs one forward per candidate.
+SCORE_BATCHES = 8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One allocation tried: how it was made, its widths and prediction, its end-to-end score."""
+
+    name: str
+    allocation: Allocation
+    score: float
+
+
+def uniform_allocation(curves: Curves, table: LatencyTable, budget_ms: float) -> Allocation | None:
+    """Every group at about one keep fraction: the largest fraction whose widths (each group's
+    smallest measured curve width at or above ``fraction · count``) the table predicts within
+    the budget; None when even the narrowest such allocation does not fit."""
+    grid = {g: sorted(set(int(w) for w in widths) & set(table.widths(g))) for g, (widths, _) in curves.items()}
+    full = {g: table.full_width(g) for g in grid}
+
+    def widths_at(fraction: float) -> dict[str, int]:
+        return {g: next((w for w in ws if w >= fraction * full[g] - 1e-9), ws[-1]) for g, ws in grid.items()}
+
+    fractions = sorted({w / full[g] for g, ws in grid.items() for w in ws}, reverse=True)
+    for f in fractions:
+        widths = widths_at(f)
+        predicted = table.predict(widths)
+        if predicted <= budget_ms:
+            return Allocation(widths, predicted, normalised_loss(curves, table, widths), budget_ms)
+    return None
+
+
+def candidates(curves: Curves, table: LatencyTable, budget_ms: float, kinds: Mapping[str, str]) -> list[tuple[str, Allocation]]:
+    """The plain knapsack, the knapsack with each kind re-weighted by every factor of
+    ``KIND_FACTORS``, and the uniform allocation; duplicates (same widths) dropped."""
+    found: list[tuple[str, Allocation]] = [("knapsack", allocate(curves, table, budget_ms))]
+    names = sorted(set(kinds.values()))
+    for kind in names[1:] if len(names) > 1 else ():
+        for factor in KIND_FACTORS:
+            weights = {g: factor for g, k in kinds.items() if k == kind}
+            found.append((f"knapsack, {kind} loss x{factor:g}", allocate(curves, table, budget_ms, weights=weights)))
+    uniform = uniform_allocation(curves, table, budget_ms)
+    if uniform is not None:
+        found.append(("uniform", uniform))
+    unique: dict[tuple, tuple[str, Allocation]] = {}
+    for name, a in found:
+        unique.setdefault(tuple(sorted(a.widths.items())), (name, a))
+    return list(unique.values())
+
+
+def end_to_end_loss(task: str, model: nn.Module, batches: Sequence[Batch], dense_outputs: Sequence[torch.Tensor | None]) -> float:
+    """How far the model is from good on calibration data: next-token NLL for causal LMs (what
+    perplexity measures), KL(dense ‖ model) for classifiers, otherwise the squared error of the
+    first output relative to the dense model's."""
+    total = count = 0.0
+    with torch.inference_mode():
+        for inputs, dense in zip(batches, dense_outputs):
+            out = _first(model(*inputs)).float()
+            if task == "causal-lm":
+                ids = inputs[0]
+                total += F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+                count += ids[:, 1:].numel()
+            elif task == "image-classification":
+                total += F.kl_div(F.log_softmax(out, -1), F.log_softmax(dense, -1), log_target=True, reduction="sum").item()
+                count += out.shape[0]
+            else:
+                total += float(((out - dense) ** 2).sum() / (dense**2).sum().clamp_min(1e-30))
+                count += 1
+    return total / count
+
+
+def _first(out: object) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, Mapping) else out))
+
+
+class Scorer:
+    """Builds and scores candidate allocations on the dense model; every solve is memoised."""
+
+    def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: str,
+                 damp: float = 0.01, cache_dir: str | Path | None = None):
+        """``curves`` as ``error_curves`` made them (same damping; its ``cache_dir`` holds the supports)."""
+        self.plan, self.grams, self.curves, self.task = plan, grams, curves, task
+        self.batches = list(batches)[:SCORE_BATCHES]
+        self.damp, self.cache_dir = damp, cache_dir
+        self.work = copy.deepcopy(plan.program.module())  # pruned in place per candidate, restored after
+        self.dense_outputs: list[torch.Tensor | None] = [None] * len(self.batches)
+        if task != "causal-lm":  # the LM loss needs no reference
+            with torch.inference_mode():
+                self.dense_outputs = [_first(self.work(*b)).float() for b in self.batches]
+        self._supports: dict[str, dict[int, torch.Tensor]] = {}
+        self._solutions: dict[tuple[str, int], GroupSolution] = {}
+
+    def _support(self, group: str, width: int) -> torch.Tensor:
+        if group not in self._supports:
+            widths = [int(w) for w in self.curves[group][0]]
+            levels, _, keep = group_curve(self.plan.group(group), self.grams, self.plan.program.state_dict.__getitem__,
+                                          widths, damp=self.damp, cache_dir=self.cache_dir)
+            self._supports[group] = {int(k): torch.from_numpy(keep[i]) for i, k in enumerate(levels)}
+        return self._supports[group][width]
+
+    @contextmanager
+    def model(self, widths: Mapping[str, int]) -> Iterator[nn.Module]:
+        """The dense model with every group pruned to its width (zeroed, not materialized); its
+        consumer weights are restored on exit, so one working copy serves every candidate."""
+        gm, state = self.work, self.plan.program.state_dict
+        touched = {c.weight for name, width in widths.items() if width < self.plan.group(name).count
+                   for c in self.plan.group(name).consumers}
+        try:
+            self._prune(widths)
+            yield gm
+        finally:
+            with torch.no_grad():
+                for fqn in touched:
+                    gm.get_parameter(fqn).copy_(state[fqn])
+
+    def _prune(self, widths: Mapping[str, int]) -> None:
+        gm, state = self.work, self.plan.program.state_dict
+        for name, width in widths.items():
+            group = self.plan.group(name)
+            if width >= group.count:
+                continue
+            key = (name, width)
+            if key not in self._solutions:
+                self._solutions[key] = solve_group(group, self.grams, state.__getitem__, self._support(name, width), "refit", self.damp)
+            solution = self._solutions[key]
+            write_group(gm, group, solution.keep, solution.weights)
+
+    def __call__(self, widths: Mapping[str, int]) -> float:
+        with self.model(widths) as model:
+            return end_to_end_loss(self.task, model, self.batches, self.dense_outputs)
+
+
+def search_allocation(curves: Curves, table: LatencyTable, budget_ms: float, kinds: Mapping[str, str],
+                      score: Callable[[Mapping[str, int]], float], log: Log = print) -> tuple[Allocation, list[Candidate]]:
+    """The candidate with the lowest end-to-end loss ``score(widths)`` (a ``Scorer``), and every
+    candidate tried; ``kinds`` maps each group of ``curves`` to its kind."""
+    tried = []
+    for name, allocation in candidates(curves, table, budget_ms, kinds):
+        loss = score(allocation.widths)
+        log(f"  candidate {name}: predicted {allocation.predicted_ms:.2f} ms, calibration loss {loss:.4f}")
+        tried.append(Candidate(name, allocation, loss))
+    best = min(tried, key=lambda c: c.score)
+    return best.allocation, tried

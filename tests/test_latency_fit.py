@@ -1,0 +1,246 @@
+"""The end-to-end calibration of the latency table: the fit, the stored points, old tables."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from osscar_export.errors import LatencyTableError
+from osscar_export.latency import (
+    CALIBRATION_ROUNDS,
+    CalibrationPoint,
+    LatencyTable,
+    MeasureSettings,
+    Timing,
+    fit_calibration,
+    table_path,
+)
+from osscar_export.targets import get_target
+
+# --------------------------------------------------------------------------------------------
+# the fit
+
+
+@pytest.mark.parametrize("base,scale", [(-0.8, 1.02), (3.0, 0.6), (0.0, 1.7)])
+def test_fit_recovers_a_known_line(base, scale):
+    rng = random.Random(0)
+    sums = [rng.uniform(1.0, 10.0) for _ in range(5)]
+    fitted = fit_calibration([(s, base + scale * s) for s in sums])
+    assert fitted == pytest.approx((base, scale), rel=1e-9, abs=1e-9)
+
+
+def test_fit_minimises_relative_error():
+    # one point off the line by +20%: the fit shares the miss so no point is off by far in
+    # relative terms, and the short run (1 ms) is weighted as much as the long one (10 ms)
+    points = [(1.0, 1.0), (5.0, 5.0 * 1.2), (10.0, 10.0)]
+    base, scale = fit_calibration(points)
+    errors = [(base + scale * s - t) / t for s, t in points]
+    assert max(abs(e) for e in errors) < 0.2
+    assert abs(errors[0]) < 0.2 and abs(errors[2]) < 0.2
+    # and it is the least-squares optimum: nudging either coefficient makes the loss worse
+    loss = lambda b, k: sum(((b + k * s - t) / t) ** 2 for s, t in points)  # noqa: E731
+    best = loss(base, scale)
+    for db, dk in [(1e-3, 0), (-1e-3, 0), (0, 1e-3), (0, -1e-3)]:
+        assert loss(base + db, scale + dk) > best
+
+
+def test_fit_without_a_slope_keeps_scale_one():
+    # region sums within 5% of each other: the slope is noise, only the offset is fitted
+    assert fit_calibration([(10.0, 12.0), (9.8, 11.8)]) == pytest.approx((2.0, 1.0))
+    assert fit_calibration([(10.0, 12.0)]) == pytest.approx((2.0, 1.0))
+    # times falling as the regions grow: not a latency model, fall back to the offset
+    base, scale = fit_calibration([(2.0, 9.0), (10.0, 3.0)])
+    assert scale == 1.0
+    with pytest.raises(ValueError, match="no calibration points"):
+        fit_calibration([])
+    with pytest.raises(ValueError, match="positive"):
+        fit_calibration([(1.0, 0.0), (2.0, 1.0)])
+
+
+# --------------------------------------------------------------------------------------------
+# the calibration plan and the stored points
+
+
+def table() -> LatencyTable:
+    """Two groups; group a is not monotone (width 2 is slower than the wider 3, as odd widths are)."""
+    return LatencyTable(
+        fingerprint={"cpu": "X"}, target={"name": "ort-cpu"}, model_signature="m", measurement={},
+        dense_ms=0.0, base_ms=0.0,
+        groups={"a": "sa", "b": "sb"},
+        times={"sa": {1: 1.0, 2: 3.0, 3: 2.5, 4: 4.0}, "sb": {1: 0.5, 2: 1.0, 3: 1.5, 4: 2.0}},
+    )
+
+
+def calibrated(base: float = 1.5, scale: float = 0.8) -> LatencyTable:
+    t = table()
+    points = [CalibrationPoint(label, w, base + scale * t.region_ms(w)) for label, w in t.calibration_plan().items()]
+    t.dense_ms = points[0].ms
+    t.calibrate(points)
+    return t
+
+
+def test_calibration_plan_spans_the_range_with_allocations_the_allocator_would_make():
+    t = table()
+    plan = t.calibration_plan()
+    assert list(plan)[:2] == ["dense", "fastest"] and plan["dense"] == {}
+    assert plan["fastest"] == {"a": 1, "b": 1}
+    mids = [w for label, w in plan.items() if label.startswith("mid-")]
+    assert len(mids) >= 2
+    assert len({json.dumps(w, sort_keys=True) for w in plan.values()}) == len(plan)  # no repeats
+    # each mid point keeps the most of its groups that any allocation as fast keeps: a knapsack
+    # optimum (checked by brute force), so never a width slower than a wider one (a at 2)
+    every = [{"a": ka, "b": kb} for ka in t.widths("a") for kb in t.widths("b")]
+    kept = lambda w: sum(w.get(g, t.full_width(g)) / t.full_width(g) for g in t.groups)  # noqa: E731
+    for w in mids:
+        assert t.region_ms(plan["fastest"]) < t.region_ms(w) < t.region_ms({})
+        assert kept(w) == pytest.approx(max(kept(o) for o in every if t.region_ms(o) <= t.region_ms(w)))
+        assert w.get("a") != 2
+
+
+def test_calibration_plan_is_only_the_dense_model_when_nothing_saves_time():
+    t = table()
+    t.times = {"sa": {1: 3.99, 4: 4.0}, "sb": {2: 2.0}}
+    assert t.calibration_plan() == {"dense": {}}
+
+
+def test_calibrated_table_recovers_the_line_and_round_trips(tmp_path):
+    t = calibrated(base=1.5, scale=0.8)
+    assert (t.base_ms, t.scale) == pytest.approx((1.5, 0.8))
+    assert t.fastest_ms == pytest.approx(1.5 + 0.8 * 1.5)
+    loaded = LatencyTable.load(t.save(tmp_path / "t.json"))
+    assert loaded == t
+    assert [c.label for c in loaded.calibration] == list(t.calibration_plan())
+    assert json.loads((tmp_path / "t.json").read_text())["version"] == 2
+
+
+def corrupt_calibrations():
+    good = calibrated().to_json()
+    cal = good["calibration"]
+    edit = lambda i, **kw: json.dumps({**good, "calibration": [*cal[:i], {**cal[i], **kw}, *cal[i + 1:]]})  # noqa: E731
+    yield "edited time", edit(1, ms=cal[1]["ms"] * 1.3)
+    yield "zero time", edit(1, ms=0.0)
+    yield "unknown group", edit(1, widths={"zz": 1})
+    yield "unmeasured width", edit(1, widths={"a": 7})
+    yield "width not an integer", edit(1, widths={"a": "1"})
+    yield "repeated label", edit(1, label="dense")
+    yield "dense point not dense", edit(0, widths={"a": 1})
+    yield "dense point off dense_ms", json.dumps({**good, "dense_ms": good["dense_ms"] + 1})
+    yield "no dense point", json.dumps({**good, "calibration": cal[1:]})
+    yield "point without ms", json.dumps({**good, "calibration": [*cal[:-1], {"label": "x", "widths": {}}]})
+    yield "edited base", json.dumps({**good, "base_ms": good["base_ms"] + 0.1})
+    yield "edited scale", json.dumps({**good, "scale": good["scale"] * 1.1})
+    yield "missing calibration", json.dumps({k: v for k, v in good.items() if k != "calibration"})
+    yield "version 2 with fastest_ms only", json.dumps({**{k: v for k, v in good.items() if k != "calibration"}, "fastest_ms": 2.0})
+
+
+@pytest.mark.parametrize("what,text", list(corrupt_calibrations()), ids=[v[0] for v in corrupt_calibrations()])
+def test_corrupt_calibration_is_rejected(tmp_path, what, text):
+    path = tmp_path / "t.json"
+    path.write_text(text)
+    with pytest.raises(LatencyTableError, match="delete it to re-measure"):
+        LatencyTable.load(path)
+
+
+def version1(t: LatencyTable) -> dict:
+    """``t`` as version 1 stored it: two end-to-end points, the second as ``fastest_ms``."""
+    data = {k: v for k, v in t.to_json().items() if k != "calibration"}
+    return {**data, "version": 1, "fastest_ms": t.fastest_ms}
+
+
+def test_version_1_tables_load_with_their_two_points():
+    t = table()
+    two = {label: w for label, w in t.calibration_plan().items() if label in ("dense", "fastest")}
+    t.dense_ms = 1.0 + 0.9 * t.region_ms({})
+    t.calibrate([CalibrationPoint(label, w, 1.0 + 0.9 * t.region_ms(w)) for label, w in two.items()])
+    old = LatencyTable.from_json(json.loads(json.dumps(version1(t))))
+    assert old == t and old.fastest_ms == t.fastest_ms
+    assert [c.label for c in old.calibration] == ["dense", "fastest"]
+    with pytest.raises(LatencyTableError, match="not the fit"):  # still checked: a hand-edited fastest_ms
+        LatencyTable.from_json({**version1(t), "fastest_ms": t.fastest_ms * 2})
+    with pytest.raises(LatencyTableError, match="versions 1 and 2"):
+        LatencyTable.from_json({**version1(t), "version": 3})
+
+
+# --------------------------------------------------------------------------------------------
+# measure_latency on a synthetic machine where time = parameter count: the fit must be exact
+
+
+class Sized:
+    """A stand-in for a compiled model: its 'latency' is its parameter count."""
+
+    def __init__(self, model) -> None:
+        self.params = sum(p.numel() for p in model.parameters())
+
+    def prepare(self, inputs):
+        return ()
+
+    def __call__(self):
+        return None
+
+
+@pytest.fixture
+def counting_machine(monkeypatch):
+    from osscar_export import latency
+
+    calls: list[int] = []
+    target_type = type(get_target("ort-cpu"))
+    monkeypatch.setattr(target_type, "compile", lambda self, model, inputs: Sized(model))
+
+    def measure(runnable, inputs, settings=MeasureSettings()):
+        calls.append(runnable.params)
+        ms = runnable.params * 1e-4
+        return Timing(ms, (ms,), 0.0, 0.0, 1, False)
+
+    monkeypatch.setattr(latency, "measure", measure)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp_lm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osscar_export.models import CausalLMLogits
+    from osscar_export.passes.structures import find_structures
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    model = CausalLMLogits(LlamaForCausalLM(config)).eval()
+    inputs = (torch.randint(0, 128, (1, 16)),)
+    return find_structures(model, inputs)
+
+
+def test_measure_latency_fits_the_machine_exactly_and_upgrades_old_tables(tiny_mlp_lm, counting_machine, tmp_path):
+    from osscar_export.latency import measure_latency
+
+    plan = tiny_mlp_lm
+    # MLP neurons vary, attention stays whole: regions are disjoint, so parameters add up exactly
+    widths = {g.name: [8, 64, 128, g.count] if g.kind == "neuron" else [g.count] for g in plan.groups}
+    target = get_target("ort-cpu")
+    t = measure_latency(plan, target, widths, cache_dir=tmp_path)
+    region_calls = len(counting_machine) - CALIBRATION_ROUNDS * len(t.calibration)
+    assert len(t.calibration) >= 4 and t.fastest_ms is not None
+    # time = parameters: the model is T = (parameters outside the regions) + 1 x (regions)
+    assert t.scale == pytest.approx(1.0, rel=1e-9)
+    for c in t.calibration:
+        assert t.predict(c.widths) == pytest.approx(c.ms, rel=1e-9)
+    assert t.dense_ms == pytest.approx(sum(p.numel() for p in plan.program.parameters()) * 1e-4)
+
+    # a version 1 table of the same machine: its regions are kept, only the calibration re-measured
+    path = table_path(tmp_path, target.for_inputs(plan.example_inputs), t.model_signature)
+    two = LatencyTable.from_json(t.to_json())
+    two.calibrate([c for c in t.calibration if c.label in ("dense", "fastest")])
+    path.write_text(json.dumps(version1(two)))
+    counting_machine.clear()
+    upgraded = measure_latency(plan, target, widths, cache_dir=tmp_path)
+    assert region_calls > 0 and len(counting_machine) == CALIBRATION_ROUNDS * len(t.calibration)
+    assert upgraded == t
+    assert LatencyTable.load(path) == t  # saved as version 2
+    counting_machine.clear()
+    assert measure_latency(plan, target, widths, cache_dir=tmp_path) == t
+    assert counting_machine == []  # complete now: nothing measured

@@ -1,0 +1,120 @@
+"""The allocation search: candidates, the uniform allocation, end-to-end scoring, the choice."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from osscar_export import evaluate
+from osscar_export.allocate import allocate
+from osscar_export.passes.calibrate import Calibrate
+from osscar_export.passes.structures import find_structures
+from osscar_export.prune import error_curves
+from osscar_export.search import KIND_FACTORS, Scorer, candidates, end_to_end_loss, search_allocation, uniform_allocation
+from tests.test_allocate import make_table
+
+WIDTHS = [2, 4, 6, 8]
+
+
+def two_kind_instance():
+    """Four groups of two kinds; kind "b" is cheap in loss but costs as much time as kind "a"."""
+    times = {f"{k}{i}": {w: 0.5 * w for w in WIDTHS} for k in "ab" for i in range(2)}
+    curves = {g: (WIDTHS, [(1 - w / 8) ** (2 if g[0] == "a" else 1) for w in WIDTHS]) for g in times}
+    return make_table(times, base_ms=1.0), curves, {g: g[0] for g in times}
+
+
+def test_uniform_allocation_is_the_largest_fraction_that_fits():
+    table, curves, _ = two_kind_instance()
+    budget = 1.0 + 4 * 0.5 * 6 + 0.1  # every group at 6 of 8 fits, at 8 of 8 it does not
+    uniform = uniform_allocation(curves, table, budget)
+    assert uniform.widths == {g: 6 for g in curves}
+    assert uniform.predicted_ms <= budget
+    assert uniform_allocation(curves, table, 1.0 + 4 * 0.5 * 2 - 0.01) is None
+
+
+def test_candidates_cover_the_kind_weights_and_uniform_without_duplicates():
+    table, curves, kinds = two_kind_instance()
+    budget = 1.0 + 4 * 0.5 * 5
+    found = candidates(curves, table, budget, kinds)
+    names = [n for n, _ in found]
+    assert names[0] == "knapsack" and found[0][1].widths == allocate(curves, table, budget).widths
+    assert "uniform" in names
+    assert len({tuple(sorted(a.widths.items())) for _, a in found}) == len(found)
+    assert len(found) <= 2 + len(KIND_FACTORS)
+    assert all(a.predicted_ms <= budget + 1e-9 for _, a in found)
+    # weighting kind b up moves width from kind a to kind b
+    heavy = allocate(curves, table, budget, weights={g: 8.0 for g in curves if g[0] == "b"})
+    light = allocate(curves, table, budget)
+    assert sum(heavy.widths[g] for g in curves if g[0] == "b") > sum(light.widths[g] for g in curves if g[0] == "b")
+
+
+def test_search_returns_the_lowest_scoring_candidate():
+    table, curves, kinds = two_kind_instance()
+    budget = 1.0 + 4 * 0.5 * 5
+
+    def score(widths):  # prefers keeping kind "b": a candidate other than the plain knapsack must win
+        return -sum(w for g, w in widths.items() if g[0] == "b")
+
+    chosen, tried = search_allocation(curves, table, budget, kinds, score, log=lambda m: None)
+    assert len(tried) == len(candidates(curves, table, budget, kinds))
+    assert chosen is min(tried, key=lambda c: c.score).allocation
+    assert score(chosen.widths) < score(allocate(curves, table, budget).widths)
+
+
+def test_end_to_end_loss_matches_the_quality_metrics():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 17, (2, 9))
+    lm = nn.Sequential(nn.Embedding(17, 8), nn.Linear(8, 17))
+    assert end_to_end_loss("causal-lm", lm, [(ids,)], [lm(ids)]) == pytest.approx(
+        math.log(evaluate.perplexity(lm, [(ids,)])), rel=1e-6)
+    x = torch.randn(5, 8)
+    clf, other = nn.Linear(8, 4), nn.Linear(8, 4)
+    dense_out = [clf(x).detach()]
+    assert end_to_end_loss("image-classification", clf, [(x,)], dense_out) == pytest.approx(0.0, abs=1e-7)
+    kl = evaluate.classification_metrics(other, clf, [(x,)])["kl_dense_to_model"]
+    assert end_to_end_loss("image-classification", other, [(x,)], dense_out) == pytest.approx(kl, rel=1e-5)
+    assert end_to_end_loss("encoder", clf, [(x,)], dense_out) == pytest.approx(0.0, abs=1e-12)
+    assert end_to_end_loss("encoder", other, [(x,)], dense_out) > 0.1
+
+
+class Mlp(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_scorer_builds_refitted_models_whose_loss_grows_as_widths_shrink():
+    torch.manual_seed(0)
+    mix = torch.randn(16, 16)
+    batches = [(torch.randn(64, 16) @ mix,) for _ in range(3)]
+    model = Mlp().eval()
+    plan = find_structures(model, batches[0])
+    (group,) = plan.groups
+    grams = Calibrate()(plan, batches).value
+    curves = error_curves(plan, grams, [0.25, 0.5, 0.75, 1.0], progress=False)
+    scorer = Scorer(plan, grams, curves, batches, task="encoder")
+    assert scorer({group.name: group.count}) == pytest.approx(0.0, abs=1e-12)
+    widths = sorted((int(w) for w in curves[group.name][0] if w < group.count), reverse=True)
+    assert len(widths) >= 3
+    losses = [scorer({group.name: w}) for w in widths]
+    assert 0 < losses[0] and all(a < b for a, b in zip(losses, losses[1:]))
+    # the built model zeroes exactly the pruned neurons' inputs of fc2 and re-fits the rest:
+    # it beats the same support with the dense weights left in place
+    masked = Mlp().eval()
+    masked.load_state_dict(model.state_dict())
+    with scorer.model({group.name: widths[1]}) as pruned:
+        kept = pruned.get_parameter("fc2.weight").abs().sum(0) > 0
+        assert int(kept.sum()) == widths[1]
+        refitted = end_to_end_loss("encoder", pruned, batches, scorer.dense_outputs)
+    with torch.no_grad():
+        masked.fc2.weight[:, ~kept] = 0
+    assert refitted < end_to_end_loss("encoder", masked, batches, scorer.dense_outputs)
+    # the working copy is restored after each candidate and the captured program never changes
+    assert scorer({group.name: group.count}) == pytest.approx(0.0, abs=1e-12)
+    assert torch.equal(plan.program.state_dict["fc2.weight"], model.fc2.weight)
