@@ -46,7 +46,8 @@ def _job_parser() -> argparse.ArgumentParser:
                    help="latency clock: wall time, or CPU time of the calling thread, which a shared machine's other "
                    "load does not inflate (default auto: thread for single-threaded CPU targets, else wall)")
     p.add_argument("--calib", default=None, help="calibration data: bbc-news, natural-calib, a text file/folder, an image folder or a .pt file (default: by task)")
-    p.add_argument("--n-calib", type=int, default=32, help="calibration samples (windows, sentences or image crops; default 32)")
+    p.add_argument("--n-calib", type=int, default=None,
+                   help="calibration samples: token windows (default 32), sentences (256) or image crops (256)")
     p.add_argument("--n-eval", type=int, default=16, help="held-out samples for the quality metric (default 16)")
     p.add_argument("--levels", type=int, default=16, help="kept-width levels per group for error curves and latency tables (default 16)")
     p.add_argument("--method", default="osscar", choices=["osscar", "osscar-fast", "greedy", "mp", "mp+"], help="layer solver (default osscar)")

@@ -51,7 +51,7 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
         "quality": o.quality,
         "method": cfg.method,
         "mode": cfg.mode,
-        "calibration": {"source": cfg.calib or "default", "samples": cfg.n_calib, "seed": cfg.seed},
+        "calibration": {"source": cfg.calib or "default", "samples": cfg.n_calib or "default for the task", "seed": cfg.seed},
         "target": target.settings(),
         "measurement": table.measurement,
         "groups": groups,
@@ -62,6 +62,7 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
              "calibration_loss": c.score, "chosen": c.allocation is o.allocation}
             for c in o.candidates
         ],
+        "attempts": o.attempts,
         "prune_seconds": o.result.seconds,
         "versions": dict(environment),
     }

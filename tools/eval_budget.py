@@ -224,7 +224,7 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
         label = f"{s:g}x"
         folder = run_dir if len(args.speedup) == 1 else run_dir / label
         report = json.loads((folder / "report.json").read_text())
-        budget = prep.table.dense_ms / s
+        budget = report["budget_ms"]  # the job's own (the table may have been re-calibrated since)
         widths = {g["name"]: g["allocated"] for g in report["groups"] if g["name"] in prep.curves}
         if abs(report["dense_ms"] - prep.table.dense_ms) > 1e-9 * prep.table.dense_ms:
             log(f"[yellow]{label}: the job used another latency table (dense {report['dense_ms']:.2f} ms, "
