@@ -1,8 +1,8 @@
 """The main job: model + latency budget → a smaller model that meets it, with the evidence.
 
 capture → structures → calibrate → error curves → latency table → allocate (knapsack candidates
-scored end to end) → sequential OSSCAR
-→ materialize → export → measure → report (DESIGN.md §2). Expensive intermediate results (Gram
+scored end to end) → sequential OSSCAR → materialize → export → measure (rebuilt for a tighter
+budget when over) → report (DESIGN.md §2). Expensive intermediate results (Gram
 matrices, error curves, latency tables) are cached on disk keyed by what they depend on, so an
 interrupted run resumes where it stopped; every artifact is written atomically and the output
 folder appears only when the whole job has succeeded.
@@ -10,6 +10,7 @@ folder appears only when the whole job has succeeded.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -40,11 +41,11 @@ Log = Callable[[str], None]
 # A model measured more than this over its budget is rebuilt for a tighter one, at most
 # BUDGET_RETRIES times (a retry costs a prune and an export).
 BUDGET_TOLERANCE = 0.02
+BUDGET_RETRIES = 2
 # Default calibration samples per task. A 128-token window gives 128 rows per Gram, an image crop
 # only 49 in EfficientNet-Lite0's last blocks (p = 1152 inputs): with 32 crops those layers
 # over-fit badly, so images get more; sentences are short (~25 real tokens each).
 N_CALIB = {"causal-lm": 32, "encoder": 256, "image-classification": 256}
-BUDGET_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ class Prepared:
 
     loaded: LoadedModel
     plan: StructurePlan
-    calibration: list[tuple]
+    calibration: list[tuple]  # n_calib samples, in batches
+    n_calib: int
     grams: Grams  # dense, of the calibration data
     curves: dict[str, Any]
     curves_dir: Path  # the error curves' cache (with their supports)
@@ -199,7 +201,7 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
                             cache_dir=cfg.tables, log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
-    return Prepared(loaded, plan, calibration, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
+    return Prepared(loaded, plan, calibration, n_calib, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
 
 
 def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:
@@ -236,6 +238,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     check_output_dir(cfg.out, cfg.force)
     t_start = time.perf_counter()
     prep = prepare(cfg, log)
+    cfg = dataclasses.replace(cfg, n_calib=prep.n_calib)  # the report says what was used
     loaded, plan, calibration, curves, table = prep.loaded, prep.plan, prep.calibration, prep.curves, prep.table
 
     budgets = _budgets(cfg, table)

@@ -51,7 +51,7 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
         "quality": o.quality,
         "method": cfg.method,
         "mode": cfg.mode,
-        "calibration": {"source": cfg.calib or "default", "samples": cfg.n_calib or "default for the task", "seed": cfg.seed},
+        "calibration": {"source": cfg.calib or "default", "samples": cfg.n_calib, "seed": cfg.seed},
         "target": target.settings(),
         "measurement": table.measurement,
         "groups": groups,
@@ -79,7 +79,8 @@ def _markdown(r: Mapping[str, Any], label: str) -> str:
         f"| predicted | {r['predicted_ms']:.3f} |",
         f"| measured | {r['measured_ms']:.3f}{' (noisy)' if r['measurement_noisy'] else ''} |",
         "",
-        f"Budget {'met' if r['meets_budget'] else 'MISSED'}; prediction error {100 * r['prediction_error']:+.1f}%.",
+        f"Budget {'met' if r['meets_budget'] else 'missed'} ({100 * (r['measured_ms'] / r['budget_ms'] - 1):+.1f}%); "
+        f"prediction error {100 * r['prediction_error']:+.1f}%; {len(r['attempts'])} model(s) built.",
         f"Method {r['method']} ({r['mode']}), target {r['target']['name']} with {r['target']['threads']} thread(s), "
         f"{r['measurement']['clock']} clock.",
         "",
