@@ -87,7 +87,10 @@ def test_family_of_budgets(tiny: dict[str, str], tmp_path: Path) -> None:
     assert set(summary["models"]) == {"1.2x", "1.6x"}
     for label in ("1.2x", "1.6x"):
         assert (out / label / "model.onnx").exists() and (out / label / "report.json").exists()
-    assert summary["models"]["1.6x"]["predicted_ms"] <= summary["models"]["1.2x"]["predicted_ms"]
+    models = summary["models"]
+    assert models["1.6x"]["budget_ms"] < models["1.2x"]["budget_ms"]
+    # each within its own budget (a model measured over it may have been rebuilt for a tighter one)
+    assert all(m["predicted_ms"] <= m["budget_ms"] + 1e-9 for m in models.values())
 
 
 def test_refuses_existing_output_and_bad_budgets(tiny: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
