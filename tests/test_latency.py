@@ -268,8 +268,8 @@ def test_failed_save_leaves_the_old_table_and_no_partial_file(tmp_path, monkeypa
 # measuring a plan (regions per group signature) and validating the additive model
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
+def llama_plan(vocab: int, hidden: int, intermediate: int, seq: int):
+    """A 2-layer GQA Llama (4 query heads over 2 KV heads), its example tokens and its plan."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from osscar_export.models import CausalLMLogits
@@ -277,12 +277,17 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=768, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2 * seq,
     )
     model = CausalLMLogits(LlamaForCausalLM(config)).eval()
-    inputs = (torch.randint(0, 256, (1, 64)),)
+    inputs = (torch.randint(0, vocab, (1, seq)),)
     return model, inputs, find_structures(model, inputs)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return llama_plan(vocab=256, hidden=128, intermediate=768, seq=64)
 
 
 def test_measure_latency_measures_identical_layers_once_and_predicts_end_to_end(tiny_llama, tmp_path, monkeypatch):

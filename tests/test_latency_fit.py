@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from osscar_export.errors import LatencyTableError
 from osscar_export.latency import (
@@ -19,6 +18,7 @@ from osscar_export.latency import (
     table_path,
 )
 from osscar_export.targets import get_target
+from tests.test_latency import llama_plan
 
 # --------------------------------------------------------------------------------------------
 # the fit
@@ -200,19 +200,7 @@ def counting_machine(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_mlp_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from osscar_export.models import CausalLMLogits
-    from osscar_export.passes.structures import find_structures
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    model = CausalLMLogits(LlamaForCausalLM(config)).eval()
-    inputs = (torch.randint(0, 128, (1, 16)),)
-    return find_structures(model, inputs)
+    return llama_plan(vocab=128, hidden=64, intermediate=256, seq=16)[2]
 
 
 def test_measure_latency_fits_the_machine_exactly_and_upgrades_old_tables(tiny_mlp_lm, counting_machine, tmp_path):
