@@ -143,10 +143,15 @@ def allocate(curves: Curves, table: LatencyTable, budget_ms: float, *, buckets: 
     return Allocation(widths, table.predict(widths), normalised_loss(curves, table, widths), budget_ms)
 
 
+def group_losses(curves: Curves, table: LatencyTable, widths: Mapping[str, int]) -> dict[str, float]:
+    """Each given group's normalised (unweighted) loss at its width; groups not given are dense."""
+    options, _ = _options(curves, table)
+    return {o.name: float(o.loss[list(o.widths).index(widths[o.name])]) for o in options if o.name in widths}
+
+
 def normalised_loss(curves: Curves, table: LatencyTable, widths: Mapping[str, int]) -> float:
     """Summed normalised (unweighted) loss of an allocation: comparable across allocations."""
-    options, _ = _options(curves, table)
-    return float(sum(o.loss[list(o.widths).index(widths[o.name])] for o in options))
+    return sum(group_losses(curves, table, widths).values())
 
 
 def tradeoff(curves: Curves, table: LatencyTable, budgets_ms: Sequence[float] | None = None, *,

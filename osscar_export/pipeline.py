@@ -46,6 +46,9 @@ BUDGET_RETRIES = 2
 # only 49 in EfficientNet-Lite0's last blocks (p = 1152 inputs): with 32 crops those layers
 # over-fit badly, so images get more; sentences are short (~25 real tokens each).
 N_CALIB = {"causal-lm": 32, "encoder": 256, "image-classification": 256}
+# Samples held out of the Grams to score candidate allocations on (search.py): each costs one
+# forward per group probed and per candidate; a window holds 128 tokens, a crop or sentence one item.
+N_SCORE = {"causal-lm": 8, "encoder": 64, "image-classification": 64}
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,7 @@ class Prepared:
     plan: StructurePlan
     calibration: list[tuple]  # n_calib samples, in batches
     n_calib: int
+    held_out: list[tuple]  # further samples from the same source, never in the Grams: the search scores on them
     grams: Grams  # dense, of the calibration data
     curves: dict[str, Any]
     curves_dir: Path  # the error curves' cache (with their supports)
@@ -186,7 +190,12 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     from osscar_export.data import load_calibration
 
     n_calib = cfg.n_calib or N_CALIB.get(loaded.task, N_CALIB["causal-lm"])
-    calibration = load_calibration(cfg.calib, loaded, n_calib, cfg.seed)
+    n_score = N_SCORE.get(loaded.task, N_SCORE["causal-lm"]) if cfg.search else 0
+    calibration, held_out = split_calibration(load_calibration(cfg.calib, loaded, n_calib + n_score, cfg.seed),
+                                              loaded.example_inputs[0].shape[0], n_calib, n_score)
+    if cfg.search and not held_out:
+        log(f"warning: only {len(calibration)} calibration batches, too few to hold any out; "
+            "the allocation search scores on the calibration data, which favours over-fitted allocations")
     work = cache_dir() / "runs" / digest(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)[:20]
     work.mkdir(parents=True, exist_ok=True)
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
@@ -201,7 +210,17 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
                             cache_dir=cfg.tables, log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
-    return Prepared(loaded, plan, calibration, n_calib, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
+    return Prepared(loaded, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
+
+
+def split_calibration(batches: list[tuple], batch: int, n_calib: int, n_score: int) -> tuple[list[tuple], list[tuple]]:
+    """(calibration, held-out): the last ``n_score`` samples are held out and the rest calibrate;
+    a source that yields fewer than ``n_calib + n_score`` (a tensor file holds what it holds)
+    gives up at most a quarter of its batches, and none when it has fewer than four."""
+    n_held = -(-n_score // batch)
+    if len(batches) < -(-n_calib // batch) + n_held:
+        n_held = min(n_held, len(batches) // 4)
+    return batches[: len(batches) - n_held], batches[len(batches) - n_held :]
 
 
 def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:
@@ -209,8 +228,10 @@ def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log =
     if not search:
         return allocate(prep.curves, prep.table, budget_ms), []
     if prep.scorer is None:
-        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, prep.calibration, prep.loaded.task, cache_dir=prep.curves_dir)
-    log(f"searching allocations for {budget_ms:.2f} ms (end-to-end loss on {len(prep.scorer.batches)} calibration batches)")
+        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, prep.held_out or prep.calibration, prep.loaded.task,
+                             cache_dir=prep.curves_dir)
+    log(f"searching allocations for {budget_ms:.2f} ms (end-to-end loss on {len(prep.scorer.batches)} "
+        f"{'held-out' if prep.held_out else 'calibration'} batches)")
     kinds = {name: prep.plan.group(name).kind for name in prep.curves}
     return search_allocation(prep.curves, prep.table, budget_ms, kinds, prep.scorer, log)
 

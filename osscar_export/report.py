@@ -59,7 +59,7 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
         "parity": parity,
         "allocation_search": [
             {"candidate": c.name, "predicted_ms": c.allocation.predicted_ms, "normalised_loss": c.allocation.loss,
-             "calibration_loss": c.score, "chosen": c.allocation is o.allocation}
+             "held_out_loss": c.score, "chosen": c.allocation is o.allocation}
             for c in o.candidates
         ],
         "attempts": o.attempts,
@@ -86,9 +86,9 @@ def _markdown(r: Mapping[str, Any], label: str) -> str:
         "",
         "Quality (held-out data): " + (", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()) or "no metric for this task"),
         "",
-        *(["Allocation search (end-to-end loss on the calibration data; lowest chosen):", "",
-            "| candidate | predicted ms | calibration loss | |", "|---|---|---|---|",
-            *(f"| {c['candidate']} | {c['predicted_ms']:.3f} | {c['calibration_loss']:.5g} | {'chosen' if c['chosen'] else ''} |"
+        *(["Allocation search (end-to-end loss on held-out calibration samples; lowest chosen):", "",
+            "| candidate | predicted ms | held-out loss | |", "|---|---|---|---|",
+            *(f"| {c['candidate']} | {c['predicted_ms']:.3f} | {c['held_out_loss']:.5g} | {'chosen' if c['chosen'] else ''} |"
               for c in r["allocation_search"]), ""] if r["allocation_search"] else []),
         "| group | kind | kept / total |",
         "|---|---|---|",

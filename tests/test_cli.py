@@ -63,7 +63,7 @@ def test_job_writes_every_artifact(tiny: dict[str, str], tmp_path: Path) -> None
     assert report["predicted_ms"] <= report["budget_ms"] + 1e-9
     search = report["allocation_search"]
     chosen = [c for c in search if c["chosen"]]
-    assert len(chosen) == 1 and chosen[0]["calibration_loss"] == min(c["calibration_loss"] for c in search)
+    assert len(chosen) == 1 and chosen[0]["held_out_loss"] == min(c["held_out_loss"] for c in search)
     assert report["attempts"] and report["attempts"][-1]["measured_ms"] == pytest.approx(report["measured_ms"])
     assert report["calibration"]["samples"] == 4
     kept = {g["name"]: g["kept"] for g in report["groups"]}

@@ -9,11 +9,21 @@ import torch
 from torch import nn
 
 from osscar_export import evaluate
-from osscar_export.allocate import allocate
+from osscar_export.allocate import allocate, group_losses
 from osscar_export.passes.calibrate import Calibrate
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import error_curves
-from osscar_export.search import KIND_FACTORS, Scorer, candidates, end_to_end_loss, search_allocation, uniform_allocation
+from osscar_export.search import (
+    KIND_FACTORS,
+    SENSITIVITY_FLOOR,
+    Scorer,
+    candidates,
+    end_to_end_loss,
+    probe_widths,
+    search_allocation,
+    sensitivities,
+    uniform_allocation,
+)
 from tests.test_allocate import make_table
 
 WIDTHS = [2, 4, 6, 8]
@@ -59,9 +69,43 @@ def test_search_returns_the_lowest_scoring_candidate():
         return -sum(w for g, w in widths.items() if g[0] == "b")
 
     chosen, tried = search_allocation(curves, table, budget, kinds, score, log=lambda m: None)
-    assert len(tried) == len(candidates(curves, table, budget, kinds))
+    sensitivity = sensitivities(curves, table, probe_widths(curves, table, budget), score)
+    assert len(tried) == len(candidates(curves, table, budget, kinds, sensitivity))
     assert chosen is min(tried, key=lambda c: c.score).allocation
     assert score(chosen.widths) < score(allocate(curves, table, budget).widths)
+
+
+def test_probes_sit_at_the_uniform_widths_below_full():
+    table, curves, _ = two_kind_instance()
+    budget = 1.0 + 4 * 0.5 * 6 + 0.1
+    assert probe_widths(curves, table, budget) == uniform_allocation(curves, table, budget).widths == {g: 6 for g in curves}
+    assert probe_widths(curves, table, 100.0) == {g: 6 for g in curves}  # uniform keeps all 8: probe one step below
+    assert probe_widths(curves, table, 1.0) == {g: 2 for g in curves}  # not even uniform fits: the narrowest
+
+
+def test_measured_sensitivities_recover_an_additive_end_to_end_loss():
+    """When the end-to-end loss is a weighted sum of the curves, the sensitivity-weighted
+    knapsack is the knapsack with the true weights, whatever the curves' own scales."""
+    table, curves, kinds = two_kind_instance()
+    curves = {g: (w, [3.0 ** i * x for x in losses]) for i, (g, (w, losses)) in enumerate(curves.items())}
+    true = {"a0": 5.0, "a1": 0.2, "b0": 1.0, "b1": 3.0}
+    budget = 1.0 + 4 * 0.5 * 5
+
+    def score(widths):
+        losses = group_losses(curves, table, widths)
+        return 7.0 + sum(true[g] * losses[g] for g in widths)
+
+    at = probe_widths(curves, table, budget)
+    found = sensitivities(curves, table, at, score)
+    assert found == pytest.approx(true)
+    assert allocate(curves, table, budget, weights=found).widths == allocate(curves, table, budget, weights=true).widths
+    assert allocate(curves, table, budget, weights=found).widths != allocate(curves, table, budget).widths
+    named = dict(candidates(curves, table, budget, kinds, found))
+    assert named["knapsack, measured sensitivities"].widths == allocate(curves, table, budget, weights=true).widths
+
+    # a group whose probe did not hurt is not free: it gets a small fraction of the median
+    harmless = sensitivities(curves, table, at, lambda w: score(w) - (10.0 if "a1" in w else 0.0))
+    assert harmless["a1"] == pytest.approx(SENSITIVITY_FLOOR * sorted(true[g] for g in ("a0", "b0", "b1"))[1])
 
 
 def test_end_to_end_loss_matches_the_quality_metrics():
