@@ -187,12 +187,11 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     if not plan.groups:
         raise OsscarError(f"{cfg.model}: no prunable structures found; run `osscar-export inspect {cfg.model}` to see why")
 
-    from osscar_export.data import load_calibration
+    from osscar_export.data import calibration_split
 
     n_calib = cfg.n_calib or N_CALIB.get(loaded.task, N_CALIB["causal-lm"])
     n_score = N_SCORE.get(loaded.task, N_SCORE["causal-lm"]) if cfg.search else 0
-    calibration, held_out = split_calibration(load_calibration(cfg.calib, loaded, n_calib + n_score, cfg.seed),
-                                              loaded.example_inputs[0].shape[0], n_calib, n_score)
+    calibration, held_out = calibration_split(cfg.calib, loaded, n_calib, n_score, cfg.seed)
     if cfg.search and not held_out:
         log(f"warning: only {len(calibration)} calibration batches, too few to hold any out; "
             "the allocation search scores on the calibration data, which favours over-fitted allocations")
@@ -211,16 +210,6 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
     return Prepared(loaded, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
-
-
-def split_calibration(batches: list[tuple], batch: int, n_calib: int, n_score: int) -> tuple[list[tuple], list[tuple]]:
-    """(calibration, held-out): the last ``n_score`` samples are held out and the rest calibrate;
-    a source that yields fewer than ``n_calib + n_score`` (a tensor file holds what it holds)
-    gives up at most a quarter of its batches, and none when it has fewer than four."""
-    n_held = -(-n_score // batch)
-    if len(batches) < -(-n_calib // batch) + n_held:
-        n_held = min(n_held, len(batches) // 4)
-    return batches[: len(batches) - n_held], batches[len(batches) - n_held :]
 
 
 def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:

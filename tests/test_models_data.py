@@ -104,6 +104,12 @@ def test_hf_causal_folder_resolves_to_logits_and_exports(tmp_path):
     # Default calibration for a causal LM: BBC News windows shaped like the example inputs.
     calib = data.load_calibration(None, loaded, n=3, seed=0)
     assert len(calib) == 2 and calib[0][0].shape == (2, 16) and calib[0][0].dtype == torch.long
+    # the job's split: the same calibration windows, then windows none of them repeats
+    calib, held = data.calibration_split(None, loaded, n=3, n_held=4, seed=0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(calib, data.load_calibration(None, loaded, n=3, seed=0)))
+    assert len(calib) == 2 and len(held) == 2
+    windows = [tuple(w.tolist()) for b in calib + held for w in b[0]]
+    assert len(set(windows)) == len(windows)
 
     with pytest.raises(ModelSpecError, match="seq_len 100 exceeds max_position_embeddings 64"):
         load_model(str(tmp_path), seq_len=100)
@@ -343,6 +349,47 @@ def test_natural_photo_sets_are_disjoint_and_evaluation_sets_never_calibrate():
     for spec in data.EVAL_ONLY:
         with pytest.raises(CalibrationDataError, match="held out for evaluation"):
             data.load_calibration(spec, loaded, n=4)
+
+
+def test_job_holds_out_whole_photos_for_its_search(tmp_path):
+    """Held-out crops come from photos the calibration crops never touch (each photo one colour)."""
+    from PIL import Image
+
+    colours = [(40 * i, 255 - 30 * i, 100) for i in range(8)]
+    for i, colour in enumerate(colours):
+        Image.new("RGB", (48, 40), colour).save(tmp_path / f"{i}.png")
+    loaded = load_model(f"{__name__}:conv_factory", batch=2, image_size=32)
+    calib, held = data.calibration_split(str(tmp_path), loaded, n=12, n_held=4, seed=0)
+    assert len(calib) == 6 and len(held) == 2
+
+    def photo_of(crop: torch.Tensor) -> int:
+        want = torch.tensor(loaded.preprocess(Image.new("RGB", (32, 32), (0, 0, 0))).shape)
+        assert torch.equal(torch.tensor(crop.shape), want)
+        means = [loaded.preprocess(Image.new("RGB", (32, 32), c)).mean((1, 2)) for c in colours]
+        return min(range(len(colours)), key=lambda i: float((crop.mean((1, 2)) - means[i]).abs().sum()))
+
+    held_photos = {photo_of(c) for b in held for c in b[0]}
+    calib_photos = {photo_of(c) for b in calib for c in b[0]}
+    assert held_photos == {3, 7} and calib_photos == set(range(8)) - {3, 7}
+    # the built-in set holds out SKIMAGE_SCORE, three of its own photos
+    assert set(data.SKIMAGE_SCORE) < set(data.SKIMAGE_CALIB)
+    calib, held = data.calibration_split(None, loaded, n=4, n_held=4, seed=0)
+    assert len(calib) == len(held) == 2
+
+
+def test_short_sources_give_up_at_most_a_quarter_for_holding_out(tmp_path):
+    loaded = load_model(f"{__name__}:mlp_with_inputs")  # batches of 4
+    path = tmp_path / "calib.pt"
+    torch.save(torch.arange(48.0).view(12, 4, 1).expand(12, 4, 6).reshape(48, 6), path)
+    def order(batches):  # each batch's index in the file
+        return [int(b[0][0, 0]) // 4 for b in batches]
+
+    calib, held = data.calibration_split(str(path), loaded, n=64, n_held=32, seed=0)
+    assert order(calib) == list(range(9)) and order(held) == [9, 10, 11]  # asked for 8 batches: a quarter of 12
+    calib, held = data.calibration_split(str(path), loaded, n=8, n_held=8, seed=0)
+    assert order(calib) == list(range(10)) and order(held) == [10, 11]  # a larger file calibrates on the rest
+    torch.save(torch.randn(12, 6), path)
+    assert data.calibration_split(str(path), loaded, n=8, n_held=8, seed=0)[1] == []  # 3 batches: none held out
 
 
 def test_imagenet_labels_come_from_the_file_names():
