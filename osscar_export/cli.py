@@ -51,11 +51,13 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-eval", type=int, default=16, help="held-out samples for the quality metric (default 16)")
     p.add_argument("--levels", type=int, default=16, help="kept-width levels per group for error curves and latency tables (default 16)")
     p.add_argument("--method", default="osscar", choices=["osscar", "osscar-fast", "greedy", "mp", "mp+"], help="layer solver (default osscar)")
-    p.add_argument("--mode", default="sequential", choices=["sequential", "dense"], help="calibration of the final prune (default sequential)")
+    p.add_argument("--mode", default="best", choices=["best", "sequential", "dense"],
+                   help="calibration of the final prune: sequential, dense, or best (default: both, keeping the lower "
+                   "end-to-end loss on the held-out calibration samples)")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
-                   "calibration samples (8 windows, 64 sentences or 64 crops beyond --n-calib)")
+                   "calibration samples (8 windows or 64 sentences beyond --n-calib, or 64 crops of photos held out whole)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out); never overwritten without --force")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--tables", type=Path, default=Path("latency_tables"), help="folder of latency tables (default ./latency_tables)")

@@ -65,6 +65,8 @@ def test_job_writes_every_artifact(tiny: dict[str, str], tmp_path: Path) -> None
     chosen = [c for c in search if c["chosen"]]
     assert len(chosen) == 1 and chosen[0]["held_out_loss"] == min(c["held_out_loss"] for c in search)
     assert report["attempts"] and report["attempts"][-1]["measured_ms"] == pytest.approx(report["measured_ms"])
+    losses = report["mode_losses"]  # the default mode prunes both ways and keeps the lower held-out loss
+    assert set(losses) == {"sequential", "dense"} and losses[report["mode"]] == min(losses.values())
     assert report["calibration"]["samples"] == 4
     kept = {g["name"]: g["kept"] for g in report["groups"]}
     assert sum(kept.values()) < sum(g["count"] for g in report["groups"]), "a 1.3x budget must prune something"

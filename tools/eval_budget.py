@@ -10,7 +10,8 @@ For one model and a family of speedups it
    fraction, the fraction found by bisection on the latency table's prediction (linear in width
    between the table's measured widths), then corrected from end-to-end measurements of the
    materialized model until the two measured latencies agree; pruned with the same OSSCAR
-   sequential pipeline (``prune(..., keep_counts=...)``) and exported the same way;
+   pipeline (``final_prune``: the job's mode, by default the better of sequential and dense on
+   held-out calibration samples) and exported the same way;
    both models are then timed alternately in the same rounds (interference hits both alike) and
    scored on the same held-out data by running their ONNX files in onnxruntime;
 3. materializes ``--points`` allocations across the whole budget range (keep-first masks: the
@@ -48,8 +49,7 @@ from osscar_export.errors import OsscarError  # noqa: E402
 from osscar_export.export import export_onnx  # noqa: E402
 from osscar_export.latency import LatencyTable, keep_first, measure  # noqa: E402
 from osscar_export.passes.materialize import materialize  # noqa: E402
-from osscar_export.pipeline import JobConfig, Prepared, prepare, run_job  # noqa: E402
-from osscar_export.prune import prune  # noqa: E402
+from osscar_export.pipeline import JobConfig, Prepared, final_prune, prepare, run_job  # noqa: E402
 
 Log = Callable[[str], None]
 
@@ -233,8 +233,7 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
         log(f"[{label}] matching a uniform model to the allocated model's measured latency")
         allocated = timer.compile(folder / "model.onnx")
         match = match_uniform(prep, timer, allocated, predicted, log)
-        uni = prune(None, prep.calibration, method=cfg.method, mode=cfg.mode, plan=prep.plan,
-                    keep_counts=match["widths"], progress=False)
+        uni, uni_mode, _ = final_prune(prep, cfg, match["widths"], log)
         uni_path = args.out / f"uniform-{label}" / "model.onnx"
         export_onnx(uni.model, prep.loaded.example_inputs, uni_path)
         uniform = timer.compile(uni_path)
@@ -251,6 +250,7 @@ def family(args: argparse.Namespace, cfg: JobConfig, prep: Prepared, log: Log) -
             "uniform_match_history": match["history"],
             "allocated_quality": q_alloc, "uniform_quality": q_uni, "allocated_widths": widths,
             "job_quality": report["quality"], "prune_seconds_uniform": uni.seconds,
+            "allocated_mode": report["mode"], "uniform_mode": uni_mode,
         })
         log(f"[{label}] allocated {measured:.2f} ms {q_alloc} | uniform {times['uniform'][0]:.2f} ms {q_uni}")
     return rows
