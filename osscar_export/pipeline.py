@@ -236,9 +236,9 @@ def _scorer(prep: Prepared) -> Scorer:
 def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log = print) -> tuple[PruneResult, str, dict[str, float]]:
     """The model pruned at ``widths`` in ``cfg.mode``, that mode, and the held-out loss of each
     mode tried. ``best`` prunes in both and keeps the lower held-out loss: sequential mode feeds
-    each layer the pruned model's inputs and usually wins (SmolLM2-135M), but with few distinct
-    calibration photos it compounds their over-fitting (EfficientNet-Lite0 at 2x, 10 photos:
-    held-out KL 4.63 sequential, 3.90 dense)."""
+    each layer the pruned model's inputs (SmolLM2-135M, half the MLP neurons: perplexity 84.2
+    sequential, 87.0 dense), but with few distinct calibration photos it compounds their
+    over-fitting (EfficientNet-Lite0 at 2x, 10 photos: held-out KL 4.63 sequential, 3.90 dense)."""
     modes = MODES if cfg.mode == "best" else (cfg.mode,)
     results = {m: prune(None, prep.calibration, method=cfg.method, mode=m, plan=prep.plan, keep_counts=widths) for m in modes}
     if len(results) == 1:

@@ -24,4 +24,3 @@ def test_over_budget_models_get_a_tighter_allocation_a_bounded_number_of_times()
     # nothing faster than the fastest allocation: keep what was built
     fastest = allocate(curves, table, 1.0 + 4 * 0.5 * 2)
     assert _tighter_allocation(prep, cfg, fastest.budget_ms, fastest, fastest.budget_ms * 1.2, 1, quiet) is None
-
