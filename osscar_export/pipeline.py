@@ -240,7 +240,8 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
     sequential, 87.0 dense), but with few distinct calibration photos it compounds their
     over-fitting (EfficientNet-Lite0 at 2x, 10 photos: held-out KL 4.63 sequential, 3.90 dense)."""
     modes = MODES if cfg.mode == "best" else (cfg.mode,)
-    results = {m: prune(None, prep.calibration, method=cfg.method, mode=m, plan=prep.plan, keep_counts=widths) for m in modes}
+    results = {m: prune(None, prep.calibration, method=cfg.method, mode=m, plan=prep.plan, keep_counts=widths, grams=prep.grams)
+               for m in modes}
     if len(results) == 1:
         return results[cfg.mode], cfg.mode, {}
     scorer = _scorer(prep)

@@ -242,6 +242,7 @@ def prune(
     keep_counts: Mapping[str, int] | None = None,
     damp: float = 0.01,
     progress: bool = True,
+    grams: Grams | None = None,
 ) -> PruneResult:
     """Prune ``model`` one-shot: every group keeps its count, consumers re-fit on calibration data.
 
@@ -250,6 +251,8 @@ def prune(
     structures survive. ``mode="sequential"`` (default) solves groups in graph order on inputs
     propagated through the already-pruned model; ``"dense"`` solves every group on the unpruned
     model's inputs. ``model`` may be None when ``plan`` is given (its captured program is used).
+    ``grams``: the dense Grams of ``calibration`` when already computed (the ``Calibrate`` pass's),
+    so dense mode does not run the calibration forward again; sequential mode ignores them.
     """
     t0 = time.perf_counter()
     if method not in METHODS:
@@ -293,7 +296,7 @@ def prune(
             write_group(gm, group, solution.keep, weights)
 
     if mode == "dense":
-        grams = dense_grams(plan, gm, batches, todo, progress)
+        grams = grams if grams is not None else dense_grams(plan, gm, batches, todo, progress)
         for group in tqdm(todo, desc=f"solve ({method})", disable=not progress, leave=False):
             solve(group, grams)
     else:

@@ -124,6 +124,11 @@ def test_sequential_mode_feeds_later_consumers_the_pruned_model():
     x2_dense = torch.cat([torch.relu(model.fc2(torch.relu(model.fc1(b)))).reshape(-1, 7) for b in batches]).double()
     ref_dense = solver.prune_layer(x2_dense.T @ x2_dense, model.fc3.weight.T.double(), group_size=1, keep=3, method="greedy", damp=0.01)
     assert dense.layer_losses["fc3.weight"] == pytest.approx(float(ref_dense.loss), rel=1e-5, abs=1e-9)
+    # dense mode given the Calibrate pass's Grams of the same batches decides the same
+    given = prune(model, batches, keep_counts=counts, method="greedy", mode="dense", plan=plan, progress=False,
+                  grams=Calibrate()(plan, batches, progress=False).value)
+    assert all(torch.equal(given.keep[g], dense.keep[g]) for g in dense.keep)
+    assert given.layer_losses == pytest.approx(dense.layer_losses, rel=1e-9)
 
 
 @pytest.mark.parametrize("method", METHODS)
