@@ -239,12 +239,17 @@ def corrupt_variants():
     yield "edited fingerprint", json.dumps({**good, "fingerprint": {"cpu": "Y", "cores": 2}})
 
 
-@pytest.mark.parametrize("what,text", list(corrupt_variants()), ids=[v[0] for v in corrupt_variants()])
-def test_corrupt_tables_are_rejected(tmp_path, what, text):
+def assert_rejected(tmp_path, text: str) -> None:
+    """A table file holding ``text`` is refused whole, with the advice to re-measure."""
     path = tmp_path / "t.json"
     path.write_text(text)
     with pytest.raises(LatencyTableError, match="delete it to re-measure"):
         LatencyTable.load(path)
+
+
+@pytest.mark.parametrize("what,text", list(corrupt_variants()), ids=[v[0] for v in corrupt_variants()])
+def test_corrupt_tables_are_rejected(tmp_path, what, text):
+    assert_rejected(tmp_path, text)
 
 
 def test_failed_save_leaves_the_old_table_and_no_partial_file(tmp_path, monkeypatch):
