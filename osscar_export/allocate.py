@@ -1,8 +1,8 @@
-"""Allocate: one kept width per group, least total loss within a latency budget (DESIGN.md §7).
+"""Allocate: one kept width per group, least total loss within a latency budget.
 
 A multiple-choice knapsack solved by dynamic programming over a discretised time axis, as SPDY
 does: ``minimise sum_g e_g(k_g)  s.t.  base + scale * sum_g t_g(k_g) <= budget`` (the table's
-calibrated additive model; times below are already multiplied by ``scale``).
+fitted additive model; times below are already multiplied by ``scale``).
 
 Loss normalisation: each group's curve is divided by its largest loss (for a monotone curve, the
 loss at its smallest candidate width), so every curve spans [0, 1]. Raw layer objectives are in the units of each
@@ -16,7 +16,7 @@ buckets. Rounding up can only over-estimate, so any DP solution truly meets the 
 relative 1e-9 of slack that keeps exact multiples of a bucket from being pushed up by float
 round-off), and the fastest configuration (all zeros on the axis) is always found when the
 budget allows it.
-``predicted_ms`` is computed from the un-discretised table.
+``predicted_ms`` is computed from the un-discretised table. See docs/design.md, section Allocate.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from osscar_export.errors import InfeasibleBudgetError, LatencyTableError, PlanError
-from osscar_export.latency import LatencyTable
+from osscar_export.latency.table import LatencyTable
 
 Curves = Mapping[str, tuple[Sequence[int], Sequence[float]]]
 

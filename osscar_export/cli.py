@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from osscar_export.errors import OsscarError
+from osscar_export.solver import METHODS
+from osscar_export.tasks import TASKS
 
 BUILTINS = ("smollm2-135m", "efficientnet-lite0", "minilm-l6")
 MODEL_HELP = (
@@ -47,17 +49,20 @@ def _job_parser() -> argparse.ArgumentParser:
                    "load does not inflate (default auto: thread for single-threaded CPU targets, else wall)")
     p.add_argument("--calib", default=None, help="calibration data: bbc-news, natural-calib, a text file/folder, an image folder or a .pt file (default: by task)")
     p.add_argument("--n-calib", type=int, default=None,
-                   help="calibration samples: token windows (default 32), sentences (256) or image crops (256)")
+                   help=f"calibration samples: token windows (default {TASKS['causal-lm'].n_calib}), sentences "
+                   f"({TASKS['encoder'].n_calib}) or image crops ({TASKS['image-classification'].n_calib})")
     p.add_argument("--n-eval", type=int, default=16, help="held-out samples for the quality metric (default 16)")
     p.add_argument("--levels", type=int, default=16, help="kept-width levels per group for error curves and latency tables (default 16)")
-    p.add_argument("--method", default="osscar", choices=["osscar", "osscar-fast", "greedy", "mp", "mp+"], help="layer solver (default osscar)")
+    p.add_argument("--method", default="osscar", choices=[m for m in METHODS if m != "exact"],  # "exact" enumerates supports: tiny layers only
+                   help="layer solver (default osscar)")
     p.add_argument("--mode", default="best", choices=["best", "sequential", "dense"],
                    help="calibration of the final prune: sequential, dense, or best (default: both, keeping the lower "
                    "end-to-end loss on the held-out calibration samples)")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
-                   "calibration samples (8 windows or 64 sentences beyond --n-calib, or 64 crops of photos held out whole)")
+                   f"calibration samples ({TASKS['causal-lm'].n_score} windows or {TASKS['encoder'].n_score} sentences "
+                   f"beyond --n-calib, or {TASKS['image-classification'].n_score} crops of photos held out whole)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out); never overwritten without --force")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--tables", type=Path, default=Path("latency_tables"), help="folder of latency tables (default ./latency_tables)")
@@ -97,7 +102,8 @@ def inspect(argv: list[str], console: Console) -> None:
 
 def run(argv: list[str], console: Console) -> None:
     args = _job_parser().parse_args(argv)
-    from osscar_export.pipeline import JobConfig, parse_budgets, run_job
+    from osscar_export.job import JobConfig
+    from osscar_export.pipeline import parse_budgets, run_job
 
     cfg = JobConfig(
         model=args.model, latency_ms=parse_budgets(args.latency_ms), speedup=parse_budgets(args.speedup),

@@ -1,22 +1,18 @@
-"""Calibration and evaluation data: real text and photos shaped like the model's example inputs.
+"""Real text and photos shaped like the model's example inputs, for calibration and evaluation.
 
 Every loader returns a list of input tuples, so ``for batch in data: model(*batch)`` works.
 Calibration and evaluation never share data:
 - built-in text corpora are split by document: every 5th distinct document (index % 5 == 0,
   in the corpus' stable order, duplicates dropped) is evaluation, the rest calibration;
 - scikit-image photos: SKIMAGE_CALIB for calibration, SKIMAGE_HELDOUT for evaluation;
-- the foolbox ImageNet photos are evaluation only (load_calibration refuses them).
+- the foolbox ImageNet photos are evaluation only (``calibration_data`` refuses them).
 User files and folders are used whole: keeping them apart is the user's choice of paths.
-``calibration_split`` further holds samples of the calibration source out of the Gram matrices
-for the job's allocation search: whole photos (SKIMAGE_SCORE, every 4th file of a folder), later
-text windows or sentences, the last batches of a tensor file.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import pickle
 import random
 import re
 from pathlib import Path
@@ -25,13 +21,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from osscar_export.errors import CalibrationDataError
-from osscar_export.models import LoadedModel, package_dir
+from osscar_export.models import package_dir
 
 Batch = tuple[torch.Tensor, ...]
 
 TEXT_CORPORA = ("bbc-news", "wiki-summaries")
-IMAGE_SETS = ("natural-calib", "natural-heldout", "imagenet-labelled")
-EVAL_ONLY = ("natural-heldout", "imagenet-labelled")
 EVAL_EVERY = 5
 SKIMAGE_CALIB = (
     "astronaut.png",
@@ -51,10 +45,6 @@ SKIMAGE_CALIB = (
     "moon.png",
 )
 SKIMAGE_HELDOUT = ("chelsea.png", "rocket.jpg")
-# Calibration photos the job holds out of the Grams to score allocations on (a colour object, a
-# medical image, a grey scene), and for an image folder every HELD_OUT_EVERY-th file.
-SKIMAGE_SCORE = ("coffee.png", "retina.jpg", "camera.png")
-HELD_OUT_EVERY = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _FOOLBOX_IMAGENET = re.compile(r"imagenet_(\d+)_(\d+)\.jpg")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
@@ -227,7 +217,7 @@ def _random_resized_crop(image: Any, rng: random.Random) -> Any:
     return image
 
 
-def _image_batches(
+def image_batches(
     paths: Sequence[Path],
     preprocess: Callable[[Any], torch.Tensor],
     n: int,
@@ -235,6 +225,8 @@ def _image_batches(
     augment: bool,
     batch: int,
 ) -> list[Batch]:
+    """`n` images of `paths`: random resized crops + flips cycling through the photos when
+    `augment`, else a seeded choice of whole images."""
     if not augment and n > len(paths):
         raise CalibrationDataError(
             f"{n} images requested but only {len(paths)} exist; use augment=True for crops"
@@ -271,7 +263,7 @@ def image_folder(
 ) -> list[Batch]:
     """`n` images from a folder: random resized crops + flips when `augment`, else a seeded
     choice of whole images."""
-    return _image_batches(image_files(path), preprocess, n, seed, augment, batch)
+    return image_batches(image_files(path), preprocess, n, seed, augment, batch)
 
 
 def natural_images(
@@ -282,7 +274,7 @@ def natural_images(
     if names is None:
         raise ValueError(f"split must be 'calib' or 'heldout', got {split!r}")
     root = package_dir("skimage") / "data"
-    return _image_batches([root / f for f in names], preprocess, n, seed, True, batch)
+    return image_batches([root / f for f in names], preprocess, n, seed, True, batch)
 
 
 def imagenet_labelled(
@@ -300,166 +292,3 @@ def imagenet_labelled(
     pixels = torch.stack([preprocess(_open_rgb(path)) for _, _, path in found])
     labels = torch.tensor([label for _, label, _ in found], dtype=torch.long)
     return _batches(pixels, batch), labels
-
-
-# ---------------------------------------------------------------- tensors and validation
-
-
-def validate_batches(batches: Sequence[Batch], example_inputs: Batch, what: str) -> list[Batch]:
-    """Check that each batch fits the example inputs: same arity, dtype, and shape except the
-    batch dim, consistent batch size, finite values. Returns the batches as a list."""
-    if not batches:
-        raise CalibrationDataError(f"{what}: no calibration batches")
-    for b, inputs in enumerate(batches):
-        if len(inputs) != len(example_inputs):
-            raise CalibrationDataError(
-                f"{what}: batch {b} has {len(inputs)} inputs, the model takes {len(example_inputs)}"
-            )
-        sizes = set()
-        for i, (x, ref) in enumerate(zip(inputs, example_inputs)):
-            where = f"{what}: batch {b} input {i}"
-            if not isinstance(x, torch.Tensor):
-                raise CalibrationDataError(f"{where} is a {type(x).__name__}, not a tensor")
-            if x.dtype != ref.dtype:
-                raise CalibrationDataError(
-                    f"{where} has dtype {x.dtype}, the model expects {ref.dtype}"
-                )
-            if x.dim() != ref.dim() or x.shape[1:] != ref.shape[1:]:
-                raise CalibrationDataError(
-                    f"{where} has shape {tuple(x.shape)}, the model expects "
-                    f"(batch, {', '.join(map(str, ref.shape[1:]))})"
-                )
-            if x.is_floating_point() and not torch.isfinite(x).all():
-                raise CalibrationDataError(f"{where} contains NaN or inf")
-            sizes.add(x.shape[0])
-        if len(sizes) != 1 or 0 in sizes:
-            raise CalibrationDataError(f"{what}: batch {b} has batch sizes {sorted(sizes)}")
-    return list(batches)
-
-
-def tensor_file(path: str | Path, example_inputs: Batch) -> list[Batch]:
-    """Batches from a .pt file: a tensor (split into batches of the example batch size), a list
-    of tensors (one batch each, single-input models) or a list of tuples (one batch each)."""
-    path = Path(path)
-    try:
-        data = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise CalibrationDataError(f"cannot load calibration tensors from {path}: {err}") from err
-    if isinstance(data, torch.Tensor):
-        batches = [(chunk,) for chunk in torch.split(data, example_inputs[0].shape[0])]
-    elif isinstance(data, (list, tuple)):
-        batches = [tuple(x) if isinstance(x, (list, tuple)) else (x,) for x in data]
-    else:
-        raise CalibrationDataError(
-            f"{path} holds a {type(data).__name__}; expected a tensor, a list of tensors "
-            "or a list of tuples"
-        )
-    return validate_batches(batches, example_inputs, str(path))
-
-
-# ---------------------------------------------------------------- entry point
-
-
-def default_calibration(loaded: LoadedModel) -> str:
-    """Real data matching the task: BBC News text for language models, photos for vision."""
-    if loaded.task in ("causal-lm", "encoder"):
-        return "bbc-news"
-    if loaded.preprocess is not None:
-        return "natural-calib"
-    raise CalibrationDataError(
-        f"no default calibration data for {loaded.name!r} (task {loaded.task}); "
-        "pass a .pt file of example-input batches"
-    )
-
-
-def _text_calibration(source: str | Path, loaded: LoadedModel, n: int, seed: int) -> list[Batch]:
-    if loaded.tokenizer is None:
-        raise CalibrationDataError(f"{loaded.name!r} has no tokenizer, so text cannot feed it")
-    batch, seq_len = loaded.example_inputs[0].shape
-    if loaded.task == "causal-lm":
-        return text_windows(source, loaded.tokenizer, seq_len, n, seed, batch)
-    if loaded.task == "encoder":
-        return encode_sentences(loaded.tokenizer, sentences(source, n, seed), seq_len, batch)
-    raise CalibrationDataError(f"text calibration needs a causal-lm or encoder, not {loaded.task}")
-
-
-def _needs_images(loaded: LoadedModel, spec: str) -> Callable[[Any], torch.Tensor]:
-    if loaded.preprocess is None:
-        raise CalibrationDataError(f"{spec!r} is image data but {loaded.name!r} takes no images")
-    return loaded.preprocess
-
-
-def load_calibration(
-    spec: str | Path | None, loaded: LoadedModel, n: int, seed: int = 0
-) -> list[Batch]:
-    """Calibration batches for `loaded` from a spec: None (the task's default), a built-in
-    corpus or photo set, a .pt/.pth file, an image folder, or a text file/folder.
-
-    `n` counts samples (windows, sentences, crops), rounded up to whole batches of the
-    example-input batch size. The result is validated against the example inputs.
-    """
-    spec = default_calibration(loaded) if spec is None else spec
-    batch = loaded.example_inputs[0].shape[0]
-    n = math.ceil(n / batch) * batch
-    path = Path(spec)
-    if spec in EVAL_ONLY:
-        raise CalibrationDataError(f"{spec!r} is held out for evaluation; never calibrate on it")
-    if spec == "natural-calib":
-        result = natural_images("calib", _needs_images(loaded, spec), n, seed, batch)
-    elif spec in TEXT_CORPORA:
-        result = _text_calibration(spec, loaded, n, seed)
-    elif path.suffix in (".pt", ".pth"):
-        result = tensor_file(path, loaded.example_inputs)
-    elif path.is_dir() and loaded.preprocess is not None:
-        result = image_folder(path, loaded.preprocess, n, seed, True, batch)
-    elif path.exists() and loaded.tokenizer is not None:
-        result = _text_calibration(path, loaded, n, seed)
-    else:
-        raise CalibrationDataError(
-            f"calibration spec {str(spec)!r} is none of: {', '.join(TEXT_CORPORA)}, natural-calib, "
-            f"a .pt/.pth file, an image folder (vision models) or a text file/folder (text models)"
-        )
-    return validate_batches(result, loaded.example_inputs, str(spec))
-
-
-def calibration_split(
-    spec: str | Path | None, loaded: LoadedModel, n: int, n_held: int, seed: int = 0
-) -> tuple[list[Batch], list[Batch]]:
-    """Calibration batches (`n` samples) and up to `n_held` held-out samples of the same source
-    that share no item with them.
-
-    Photos are held out whole: a crop of a calibration photo shares its content, and a re-fit
-    over-fitted to the calibration photos looks harmless on it (EfficientNet-Lite0 at 1.5x:
-    KL 0.10 on such crops, 3.0 on new photos). Text holds out the windows or sentences drawn
-    after the first `n`; a source that yields fewer samples than asked (a tensor file holds what
-    it holds) gives up at most a quarter of its batches, and none when it has fewer than four.
-    """
-    spec = default_calibration(loaded) if spec is None else spec
-    batch = loaded.example_inputs[0].shape[0]
-    n, n_held = math.ceil(n / batch) * batch, math.ceil(n_held / batch) * batch
-    photos = _photo_split(spec) if n_held and loaded.preprocess is not None else None
-    if photos is not None:
-
-        def crops(files: list[Path], k: int, crop_seed: int) -> list[Batch]:
-            return validate_batches(_image_batches(files, loaded.preprocess, k, crop_seed, True, batch), loaded.example_inputs, str(spec))
-
-        return crops(photos[0], n, seed), crops(photos[1], n_held, seed + 1)
-    batches = load_calibration(spec, loaded, n + n_held, seed)
-    held_batches = n_held // batch
-    if len(batches) < (n + n_held) // batch:
-        held_batches = min(held_batches, len(batches) // 4)
-    return batches[: len(batches) - held_batches], batches[len(batches) - held_batches :]
-
-
-def _photo_split(spec: str | Path) -> tuple[list[Path], list[Path]] | None:
-    """(calibration, held-out) photo files of an image source; None for other sources and for
-    folders of fewer than HELD_OUT_EVERY files."""
-    if spec == "natural-calib":
-        root = package_dir("skimage") / "data"
-        held = [root / f for f in SKIMAGE_SCORE]
-        return [root / f for f in SKIMAGE_CALIB if f not in SKIMAGE_SCORE], held
-    if spec in TEXT_CORPORA or spec in EVAL_ONLY or not Path(spec).is_dir():
-        return None
-    files = image_files(spec)
-    held = files[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]
-    return ([f for f in files if f not in held], held) if held else None

@@ -2,7 +2,7 @@
 
 Every exporter writes beside the destination, runs the written artifact on the example inputs,
 compares it with the reference and only then moves it into place: an artifact at its final path
-computes what the pruned model computes, and a failed check leaves no file behind (DESIGN.md §8).
+computes what the pruned model computes, and a failed check leaves no file behind (docs/design.md, "Export").
 """
 
 from __future__ import annotations

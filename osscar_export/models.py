@@ -14,15 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from osscar_export import cache
 from osscar_export.atomic import atomic_dir
 from osscar_export.errors import ModelSpecError
 
-TASKS = ("causal-lm", "encoder", "image-classification", "generic")
 BUILTINS = ("smollm2-135m", "efficientnet-lite0", "minilm-l6")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The cache folder names the GGUF file it was dequantised from, so a different file never
-# silently reuses an old cache.
+# The dequantised folder names the GGUF file it was made from, so a different file never
+# silently re-uses it (``cache.dequantised_dir`` adds the conversion's version).
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct-q4_1-f32"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +36,7 @@ class LoadedModel:
     model: nn.Module
     example_inputs: tuple[torch.Tensor, ...]
     name: str
-    task: str
+    task: str  # a key of tasks.TASKS
     tokenizer: Any | None = None
     preprocess: Callable[[Any], torch.Tensor] | None = None
 
@@ -63,11 +63,6 @@ class EncoderHidden(nn.Module):
         return self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, return_dict=True
         ).last_hidden_state
-
-
-def cache_dir() -> Path:
-    """Where dequantised weights are kept: $OSSCAR_CACHE, else ~/.cache/osscar-export."""
-    return Path(os.environ.get("OSSCAR_CACHE", Path.home() / ".cache" / "osscar-export"))
 
 
 def package_dir(package: str) -> Path:
@@ -160,7 +155,7 @@ def _dequantise_smollm2(target: Path) -> None:
 def _load_smollm2(seq_len: int, batch: int) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cached = cache_dir() / SMOLLM2_CACHE_NAME
+    cached = cache.dequantised_dir(SMOLLM2_CACHE_NAME)
     if not (cached / "config.json").exists():
         _dequantise_smollm2(cached)
     lm = AutoModelForCausalLM.from_pretrained(

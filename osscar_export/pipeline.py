@@ -2,10 +2,11 @@
 
 capture → structures → calibrate → error curves → latency table → allocate (knapsack candidates
 scored end to end) → sequential OSSCAR → materialize → export → measure (rebuilt for a tighter
-budget when over) → report (DESIGN.md §2). Expensive intermediate results (Gram
-matrices, error curves, latency tables) are cached on disk keyed by what they depend on, so an
-interrupted run resumes where it stopped; every artifact is written atomically and the output
-folder appears only when the whole job has succeeded.
+budget when over) → report (docs/design.md, "Pipeline"). Expensive intermediate results (Gram
+matrices, error curves, latency tables) are cached on disk keyed by what they depend on
+(``cache``), so an interrupted run resumes where it stopped; every artifact is written
+atomically and the output folder appears only when the whole job has succeeded. The job's data
+(``JobConfig``, ``Prepared``, ``Outcome``) lives in ``job``.
 """
 
 from __future__ import annotations
@@ -14,27 +15,27 @@ import dataclasses
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from osscar_export import __version__
+from osscar_export import __version__, cache
 from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
-from osscar_export.atomic import atomic_dir, atomic_path
-from osscar_export.digest import digest
+from osscar_export.atomic import atomic_dir
+from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import InfeasibleBudgetError, OsscarError
 from osscar_export.export import export_onnx, save_program
-from osscar_export.latency import CLOCKS, LatencyTable, MeasureSettings, measure, measure_latency
-from osscar_export.models import LoadedModel, cache_dir, load_model
-from osscar_export.passes.calibrate import Calibrate, Grams
+from osscar_export.job import JobConfig, Outcome, Prepared
+from osscar_export.latency.build import measure_latency
+from osscar_export.latency.table import LatencyTable
+from osscar_export.latency.timing import CLOCKS, MeasureSettings, measure
+from osscar_export.models import load_model
 from osscar_export.passes.structures import find_structures
-from osscar_export.plan import StructurePlan
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
 from osscar_export.report import write_report
-from osscar_export.search import Candidate, Scorer, end_to_end_loss, search_allocation
+from osscar_export.search import Candidate, Scorer, search_allocation
 from osscar_export.targets import Target, get_target
+from osscar_export.tasks import TASKS
 
 Log = Callable[[str], None]
 
@@ -42,57 +43,6 @@ Log = Callable[[str], None]
 # BUDGET_RETRIES times (a retry costs a prune and an export).
 BUDGET_TOLERANCE = 0.02
 BUDGET_RETRIES = 2
-# Default calibration samples per task. A 128-token window gives 128 rows per Gram, an image crop
-# only 49 in EfficientNet-Lite0's last blocks (p = 1152 inputs): with 32 crops those layers
-# over-fit badly, so images get more; sentences are short (~25 real tokens each).
-N_CALIB = {"causal-lm": 32, "encoder": 256, "image-classification": 256}
-# Samples held out of the Grams to score candidate allocations on (search.py): each costs one
-# forward per group probed and per candidate; a window holds 128 tokens, a crop or sentence one item.
-N_SCORE = {"causal-lm": 8, "encoder": 64, "image-classification": 64}
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    """Everything one run of ``osscar-export MODEL`` depends on."""
-
-    model: str
-    latency_ms: tuple[float, ...] = ()
-    speedup: tuple[float, ...] = ()
-    target: str = "ort-cpu"
-    threads: int = 1
-    calib: str | None = None
-    n_calib: int | None = None  # calibration samples; None: N_CALIB[task]
-    seq_len: int = 128
-    batch: int = 1
-    image_size: int | None = None
-    method: str = "osscar"
-    mode: str = "best"  # of the final prune: "sequential", "dense", or "best" (both; the lower held-out loss wins)
-    levels: int = 16  # error-curve points per group
-    n_eval: int = 16
-    out: Path = Path("out")
-    force: bool = False
-    tables: Path = Path("latency_tables")
-    seed: int = 0
-    clock: str = "auto"  # "wall", "thread", or "auto" (see measure_settings)
-    search: bool = True  # score candidate allocations end to end (search.py); False: the plain knapsack
-
-
-@dataclass
-class Outcome:
-    """One pruned model of the family: its budget, allocation, measurements and quality."""
-
-    label: str
-    budget_ms: float
-    allocation: Allocation
-    candidates: list[Candidate]  # allocations scored end to end by the search (empty without it)
-    result: PruneResult
-    mode: str  # the final prune's calibration mode
-    mode_losses: dict[str, float]  # held-out end-to-end loss of each mode tried (empty when one was asked for)
-    measured_ms: float
-    noisy: bool
-    quality: dict[str, float]
-    artifacts: dict[str, Any] = field(default_factory=dict)
-    attempts: list[dict[str, float]] = field(default_factory=list)  # predicted / measured ms of each model built
 
 
 def check_output_dir(out: Path, force: bool) -> None:
@@ -103,39 +53,6 @@ def check_output_dir(out: Path, force: bool) -> None:
         raise OsscarError(f"--out {out} already holds files; pass --force to replace them or choose another folder")
 
 
-def _cached_grams(plan: StructurePlan, calibration: list[tuple], work: Path, log: Log) -> Grams:
-    """Dense Gram matrices, re-used from ``work`` when the graph and calibration data match."""
-    key = digest(plan.program.graph_module.code, *(t for b in calibration for t in b))[:20]
-    path = work / f"grams-{key}.pt"
-    if path.exists():
-        log(f"re-using Gram matrices from {path}")
-        saved = torch.load(path, weights_only=True)
-        return Grams(saved["xtx"], saved["rows"], [tuple(b) for b in saved["blocked"]])
-    grams = Calibrate()(plan, calibration).value
-    with atomic_path(path) as tmp:
-        torch.save({"xtx": grams.xtx, "rows": grams.rows, "blocked": [list(b) for b in grams.blocked]}, tmp)
-    return grams
-
-
-def evaluate_quality(loaded: LoadedModel, model: torch.nn.Module, dense: torch.nn.Module, n_eval: int) -> dict[str, float]:
-    """The task's quality metric on held-out real data (never the calibration data)."""
-    from osscar_export import data, evaluate
-
-    if loaded.task == "causal-lm":
-        seq = loaded.example_inputs[0].shape[1]
-        windows = data.eval_text_windows("wiki-summaries", loaded.tokenizer, seq, n_eval, loaded.example_inputs[0].shape[0])
-        return {"perplexity": evaluate.perplexity(model, windows), "perplexity_dense": evaluate.perplexity(dense, windows)}
-    if loaded.task == "encoder":
-        seq = loaded.example_inputs[0].shape[1]
-        texts = data.sentences("wiki-summaries", n_eval * loaded.example_inputs[0].shape[0], seed=1, split="eval")
-        batches = data.encode_sentences(loaded.tokenizer, texts, seq, loaded.example_inputs[0].shape[0])
-        return {"embedding_cosine": evaluate.embedding_similarity(model, dense, batches)}
-    if loaded.task == "image-classification" and loaded.preprocess is not None:
-        images = data.natural_images("heldout", loaded.preprocess, n_eval, seed=1, batch=loaded.example_inputs[0].shape[0])
-        return evaluate.classification_metrics(model, dense, images)
-    return {}
-
-
 def _budgets(cfg: JobConfig, table: LatencyTable) -> list[tuple[str, float]]:
     budgets = [(f"{ms:g}ms", float(ms)) for ms in cfg.latency_ms]
     budgets += [(f"{s:g}x", table.dense_ms / s) for s in cfg.speedup]
@@ -144,29 +61,11 @@ def _budgets(cfg: JobConfig, table: LatencyTable) -> list[tuple[str, float]]:
     return budgets
 
 
-@dataclass
-class Prepared:
-    """What every budget of a job shares: the model, its plan, calibration, curves and table."""
-
-    loaded: LoadedModel
-    plan: StructurePlan
-    calibration: list[tuple]  # n_calib samples, in batches
-    n_calib: int
-    held_out: list[tuple]  # further samples from the same source, never in the Grams: the search scores on them
-    grams: Grams  # dense, of the calibration data
-    curves: dict[str, Any]
-    curves_dir: Path  # the error curves' cache (with their supports)
-    table: LatencyTable
-    target: Target  # compiled for the model's example inputs
-    settings: MeasureSettings  # how the table was and every model is timed
-    scorer: Scorer | None = None  # built on first use: it memoises solves across budgets
-
-
 def measure_settings(clock: str, target: Target) -> MeasureSettings:
     """``auto`` picks the thread CPU-time clock where it measures everything (single-threaded CPU
-    targets): on a shared machine, wall time of a 360 ms model swung 2x with the other tenants'
-    load while thread time stayed within 3%, and a table measured in wall time while the load
-    changed had a 2x step between two adjacent widths. Elsewhere it is wall time."""
+    targets): on a shared machine wall time swings with the other tenants' load, and a table
+    measured while the load changed has steps between adjacent widths, while thread time stays
+    steady (measured in docs/results.md). Elsewhere it is wall time."""
     if clock == "auto":
         clock = "thread" if target.runs_on_calling_thread() else "wall"
     if clock not in CLOCKS:
@@ -189,22 +88,20 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     if not plan.groups:
         raise OsscarError(f"{cfg.model}: no prunable structures found; run `osscar-export inspect {cfg.model}` to see why")
 
-    from osscar_export.data import calibration_split
-
-    n_calib = cfg.n_calib or N_CALIB.get(loaded.task, N_CALIB["causal-lm"])
+    task = TASKS[loaded.task]
+    n_calib = cfg.n_calib or task.n_calib
     scores = cfg.search or cfg.mode == "best"
-    n_score = N_SCORE.get(loaded.task, N_SCORE["causal-lm"]) if scores else 0
-    calibration, held_out = calibration_split(cfg.calib, loaded, n_calib, n_score, cfg.seed)
+    n_score = task.n_score if scores else 0
+    source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
+    calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
     if scores and not held_out:
         log(f"warning: only {len(calibration)} calibration batches, too few to hold any out; the allocation "
             "search and the choice of mode score on the calibration data, which favours over-fitted models")
-    work = cache_dir() / "runs" / digest(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)[:20]
-    work.mkdir(parents=True, exist_ok=True)
+    work = cache.run_dir(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
-    grams = _cached_grams(plan, calibration, work, log)
-    levels = [i / cfg.levels for i in range(1, cfg.levels + 1)]
-    log(f"error curves at {len(levels)} widths per group")
-    curves = error_curves(plan, grams, levels, cache_dir=work / "curves")
+    grams = cache.grams(plan, calibration, work, log)
+    log(f"error curves at {cfg.levels} widths per group")
+    curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves")
 
     settings = measure_settings(cfg.clock, target)
     log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
@@ -212,7 +109,8 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
                             cache_dir=cfg.tables, log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
-    return Prepared(loaded, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table, target.for_inputs(loaded.example_inputs), settings)
+    return Prepared(loaded, task, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table,
+                    target.for_inputs(loaded.example_inputs), settings)
 
 
 def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:
@@ -228,7 +126,7 @@ def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log =
 
 def _scorer(prep: Prepared) -> Scorer:
     if prep.scorer is None:
-        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, prep.held_out or prep.calibration, prep.loaded.task,
+        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, prep.held_out or prep.calibration, prep.task,
                              cache_dir=prep.curves_dir)
     return prep.scorer
 
@@ -236,16 +134,15 @@ def _scorer(prep: Prepared) -> Scorer:
 def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log = print) -> tuple[PruneResult, str, dict[str, float]]:
     """The model pruned at ``widths`` in ``cfg.mode``, that mode, and the held-out loss of each
     mode tried. ``best`` prunes in both and keeps the lower held-out loss: sequential mode feeds
-    each layer the pruned model's inputs (SmolLM2-135M, half the MLP neurons: perplexity 84.2
-    sequential, 87.0 dense), but with few distinct calibration photos it compounds their
-    over-fitting (EfficientNet-Lite0 at 2x, 10 photos: held-out KL 4.63 sequential, 3.90 dense)."""
+    each layer the pruned model's inputs, which helps language models, but with few distinct
+    calibration photos it compounds their over-fitting (measured in docs/results.md)."""
     modes = MODES if cfg.mode == "best" else (cfg.mode,)
-    results = {m: prune(None, prep.calibration, method=cfg.method, mode=m, plan=prep.plan, keep_counts=widths, grams=prep.grams)
+    results = {m: prune(None, prep.calibration, method=cfg.method, mode=m, plan=prep.plan, widths=widths, grams=prep.grams)
                for m in modes}
     if len(results) == 1:
         return results[cfg.mode], cfg.mode, {}
     scorer = _scorer(prep)
-    losses = {m: end_to_end_loss(prep.loaded.task, r.model, scorer.batches, scorer.dense_outputs) for m, r in results.items()}
+    losses = {m: prep.task.end_to_end_loss(r.model, scorer.batches, scorer.dense_outputs) for m, r in results.items()}
     best = min(losses, key=losses.__getitem__)
     log("held-out loss " + ", ".join(f"{m} {v:.4f}" for m, v in losses.items()) + f": keeping {best}")
     return results[best], best, losses
@@ -256,7 +153,7 @@ def _tighter_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, alloc:
     """When the exported model measured over the budget (beyond ``BUDGET_TOLERANCE``), the
     allocation for a budget tightened by the miss ratio; None when it is met, the attempts are
     spent, or nothing faster exists. The table predicts regions that do not add up exactly in
-    context (EfficientNet-Lite0: up to 5% over at 2x), so the measurement has the last word."""
+    context, so the measurement has the last word."""
     if measured_ms <= budget_ms * (1 + BUDGET_TOLERANCE) or attempts > BUDGET_RETRIES:
         return None
     goal = alloc.predicted_ms * budget_ms / measured_ms
@@ -275,7 +172,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     t_start = time.perf_counter()
     prep = prepare(cfg, log)
     cfg = dataclasses.replace(cfg, n_calib=prep.n_calib)  # the report says what was used
-    loaded, plan, calibration, curves, table = prep.loaded, prep.plan, prep.calibration, prep.curves, prep.table
+    loaded, plan, curves, table = prep.loaded, prep.plan, prep.curves, prep.table
 
     budgets = _budgets(cfg, table)
     allocations = [(label, ms, *choose_allocation(prep, ms, cfg.search, log)) for label, ms in budgets]
@@ -305,12 +202,12 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                     break
                 alloc, candidates = retry
             stage = time.perf_counter()
-            quality = evaluate_quality(loaded, result.model, dense_module, cfg.n_eval)
+            quality = prep.task.quality(loaded, result.model, dense_module, cfg.n_eval)
             log(f"[{label}] {quality} ({time.perf_counter() - stage:.0f} s)")
             outcomes.append(Outcome(label, budget, alloc, candidates, result, mode, mode_losses, timing.ms, timing.noisy, quality,
                                     {"onnx": onnx_report, "pt2": pt2_report}, attempts))
-        write_report(staging, cfg=cfg, loaded=loaded, plan=plan, table=table, target=compiled_target,
-                     curves=curves, explored=explored, outcomes=outcomes,
+        write_report(staging, cfg=cfg, task=prep.task, plan=plan, table=table, target=compiled_target,
+                     explored=explored, outcomes=outcomes,
                      environment=_environment(), seconds=time.perf_counter() - t_start)
     log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s")
     return outcomes

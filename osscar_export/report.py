@@ -1,30 +1,29 @@
-"""The job's evidence: report.json (machine-readable), report.md (for people), tradeoff.png."""
+"""The job's evidence: report.json (machine-readable), report.md (for people), tradeoff.png
+(docs/design.md, "Pipeline")."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from osscar_export.allocate import Allocation  # noqa: E402
 from osscar_export.atomic import atomic_path, write_text  # noqa: E402
-
-if TYPE_CHECKING:
-    from osscar_export.allocate import Allocation
-    from osscar_export.latency import LatencyTable
-    from osscar_export.models import LoadedModel
-    from osscar_export.pipeline import JobConfig, Outcome
-    from osscar_export.plan import StructurePlan
-    from osscar_export.targets import Target
+from osscar_export.job import JobConfig, Outcome  # noqa: E402
+from osscar_export.latency.table import LatencyTable  # noqa: E402
+from osscar_export.plan import StructurePlan  # noqa: E402
+from osscar_export.targets import Target  # noqa: E402
+from osscar_export.tasks import Task  # noqa: E402
 
 
-def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", cfg: "JobConfig",
-                 target: "Target", environment: Mapping[str, str]) -> dict[str, Any]:
+def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: JobConfig,
+                 target: Target, environment: Mapping[str, str]) -> dict[str, Any]:
     """One model's report: the budget, the three latencies, per-group decisions and quality."""
     groups = []
     for g in plan.groups:
@@ -33,7 +32,7 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
             "name": g.name,
             "kind": g.kind,
             "count": g.count,
-            "kept": int(o.result.keep[g.name].sum()) if g.name in o.result.keep else width,
+            "kept": int(o.result.masks[g.name].sum()) if g.name in o.result.masks else width,
             "allocated": width,
             "predicted_ms": table.ms(g.name, width) if g.name in table.groups else None,
             "layer_loss": {c.weight: o.result.layer_losses.get(c.weight) for c in g.consumers},
@@ -69,7 +68,7 @@ def outcome_json(o: "Outcome", *, table: "LatencyTable", plan: "StructurePlan", 
     }
 
 
-def _markdown(r: Mapping[str, Any], label: str) -> str:
+def _markdown(r: Mapping[str, Any], label: str, loss_name: str) -> str:
     lines = [
         f"# osscar-export: {r['model']} ({label})",
         "",
@@ -87,7 +86,7 @@ def _markdown(r: Mapping[str, Any], label: str) -> str:
         "",
         "Quality (held-out data): " + (", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()) or "no metric for this task"),
         "",
-        *(["Allocation search (end-to-end loss on held-out calibration samples; lowest chosen):", "",
+        *([f"Allocation search ({loss_name} on held-out calibration samples; lowest chosen):", "",
             "| candidate | predicted ms | held-out loss | |", "|---|---|---|---|",
             *(f"| {c['candidate']} | {c['predicted_ms']:.3f} | {c['held_out_loss']:.5g} | {'chosen' if c['chosen'] else ''} |"
               for c in r["allocation_search"]), ""] if r["allocation_search"] else []),
@@ -101,7 +100,7 @@ def _markdown(r: Mapping[str, Any], label: str) -> str:
     return "\n".join(lines)
 
 
-def plot_tradeoff(path: Path, explored: Sequence["Allocation"], chosen: Sequence[tuple[str, "Allocation"]], dense_ms: float) -> None:
+def plot_tradeoff(path: Path, explored: Sequence[Allocation], chosen: Sequence[tuple[str, Allocation]], dense_ms: float) -> None:
     """Predicted latency vs summed normalised loss of every allocation explored, chosen points marked."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot([a.predicted_ms for a in explored], [a.loss for a in explored], "o-", ms=3, color="tab:blue", label="allocations explored")
@@ -118,9 +117,9 @@ def plot_tradeoff(path: Path, explored: Sequence["Allocation"], chosen: Sequence
     plt.close(fig)
 
 
-def write_report(folder: Path, *, cfg: "JobConfig", loaded: "LoadedModel", plan: "StructurePlan", table: "LatencyTable",
-                 target: "Target", curves: Mapping[str, Any], explored: Sequence["Allocation"],
-                 outcomes: Sequence["Outcome"], environment: Mapping[str, str], seconds: float) -> None:
+def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePlan, table: LatencyTable,
+                 target: Target, explored: Sequence[Allocation],
+                 outcomes: Sequence[Outcome], environment: Mapping[str, str], seconds: float) -> None:
     """Write report.json / report.md per model and tradeoff.png (plus a family summary) into ``folder``."""
     reports = []
     for o in outcomes:
@@ -128,11 +127,11 @@ def write_report(folder: Path, *, cfg: "JobConfig", loaded: "LoadedModel", plan:
         r = outcome_json(o, table=table, plan=plan, cfg=cfg, target=target, environment=environment)
         r["job_seconds"] = seconds
         write_text(sub / "report.json", json.dumps(r, indent=2))
-        write_text(sub / "report.md", _markdown(r, o.label))
+        write_text(sub / "report.md", _markdown(r, o.label, task.loss_name))
         reports.append((o.label, r))
     plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
     if len(outcomes) > 1:
         summary = {"model": cfg.model, "job_seconds": seconds, "models": {label: {k: r[k] for k in
                    ("budget_ms", "dense_ms", "predicted_ms", "measured_ms", "meets_budget", "quality")} for label, r in reports}}
         write_text(folder / "report.json", json.dumps(summary, indent=2))
-        write_text(folder / "report.md", "\n".join(_markdown(r, label) for label, r in reports))
+        write_text(folder / "report.md", "\n".join(_markdown(r, label, task.loss_name) for label, r in reports))

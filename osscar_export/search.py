@@ -6,21 +6,18 @@ the sum with one sensitivity coefficient per layer, searched against the end-to-
 hundreds of model evaluations. Here each coefficient is *measured* instead, with one evaluation
 per group: prune that group alone to its width in the uniform allocation (the operating point),
 re-fit it, and take the rise of the end-to-end loss; the coefficient makes the group's weighted
-normalised loss at that width equal to the rise. On SmolLM2-135M (candidates built as below,
-perplexity on 32 held-out Wikipedia windows) that allocation scored 123 at 1.5x where uniform
-pruning scored 165, and 276 at 2x where uniform scored 581.
+normalised loss at that width equal to the rise.
 
-The coefficients and every score use samples held out of the Gram matrices. The re-fit is
-fitted to the calibration samples, so on them pruning looks milder than it is (SmolLM2 at 1.5x:
-NLL 4.4 on calibration windows, 5.0 on unseen ones), and coefficients measured there gave 175
-and 341 in the same comparison.
+The coefficients and every score use samples held out of the Gram matrices: the re-fit is fitted
+to the calibration samples, so on them pruning looks milder than it is.
 
 Candidates: the plain knapsack, the knapsack with the measured coefficients, the knapsack with
 each group kind re-weighted by a geometric grid of factors, and the uniform allocation. Each is
 built cheaply: every group's support is its error curve's support at the chosen width (stored
 with the curve), re-fitted exactly on the dense Grams and written into a working copy of the
 dense model (restored after); the lowest held-out loss wins. The final model is then pruned
-afresh, sequentially, at the winner's widths.
+afresh at the winner's widths. See docs/design.md, "Search"; the measurements behind these
+choices are in docs/results.md.
 """
 
 from __future__ import annotations
@@ -33,15 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from osscar_export.allocate import Allocation, Curves, allocate, group_losses, normalised_loss
-from osscar_export.latency import LatencyTable
-from osscar_export.passes.calibrate import Grams
+from osscar_export.latency.table import LatencyTable
+from osscar_export.passes.base import Grams
 from osscar_export.plan import StructurePlan
-from osscar_export.prune import GroupSolution, group_curve, solve_group, write_group
+from osscar_export.passes.materialize import zero_structures
+from osscar_export.passes.solve import GroupSolution, refit_group
+from osscar_export.prune import group_curve
+from osscar_export.tasks import Task
 
 Batch = tuple[torch.Tensor, ...]
 Log = Callable[[str], None]
@@ -129,35 +128,10 @@ def candidates(curves: Curves, table: LatencyTable, budget_ms: float, kinds: Map
     return list(unique.values())
 
 
-def end_to_end_loss(task: str, model: nn.Module, batches: Sequence[Batch], dense_outputs: Sequence[torch.Tensor | None]) -> float:
-    """How far the model is from good on calibration data: next-token NLL for causal LMs (what
-    perplexity measures), KL(dense ‖ model) for classifiers, otherwise the squared error of the
-    first output relative to the dense model's."""
-    total = count = 0.0
-    with torch.inference_mode():
-        for inputs, dense in zip(batches, dense_outputs):
-            out = _first(model(*inputs)).float()
-            if task == "causal-lm":
-                ids = inputs[0]
-                total += F.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-                count += ids[:, 1:].numel()
-            elif task == "image-classification":
-                total += F.kl_div(F.log_softmax(out, -1), F.log_softmax(dense, -1), log_target=True, reduction="sum").item()
-                count += out.shape[0]
-            else:
-                total += float(((out - dense) ** 2).sum() / (dense**2).sum().clamp_min(1e-30))
-                count += 1
-    return total / count
-
-
-def _first(out: object) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else next(iter(out.values() if isinstance(out, Mapping) else out))
-
-
 class Scorer:
     """Builds and scores candidate allocations on the dense model; solves and scores are memoised."""
 
-    def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: str,
+    def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: Task,
                  damp: float = 0.01, cache_dir: str | Path | None = None):
         """``curves`` as ``error_curves`` made them (same damping; its ``cache_dir`` holds the
         supports); ``batches`` are scored, and should be samples the Grams did not see."""
@@ -165,10 +139,7 @@ class Scorer:
         self.batches = list(batches)
         self.damp, self.cache_dir = damp, cache_dir
         self.work = copy.deepcopy(plan.program.module())  # pruned in place per candidate, restored after
-        self.dense_outputs: list[torch.Tensor | None] = [None] * len(self.batches)
-        if task != "causal-lm":  # the LM loss needs no reference
-            with torch.inference_mode():
-                self.dense_outputs = [_first(self.work(*b)).float() for b in self.batches]
+        self.dense_outputs = task.reference_outputs(self.work, self.batches)
         self._supports: dict[str, dict[int, torch.Tensor]] = {}
         self._solutions: dict[tuple[str, int], GroupSolution] = {}
         self._scores: dict[tuple[tuple[str, int], ...], float] = {}
@@ -176,9 +147,9 @@ class Scorer:
     def _support(self, group: str, width: int) -> torch.Tensor:
         if group not in self._supports:
             widths = [int(w) for w in self.curves[group][0]]
-            levels, _, keep = group_curve(self.plan.group(group), self.grams, self.plan.program.state_dict.__getitem__,
-                                          widths, damp=self.damp, cache_dir=self.cache_dir)
-            self._supports[group] = {int(k): torch.from_numpy(keep[i]) for i, k in enumerate(levels)}
+            levels, _, masks = group_curve(self.plan.group(group), self.grams, self.plan.program.state_dict.__getitem__,
+                                           widths, damp=self.damp, cache_dir=self.cache_dir)
+            self._supports[group] = {int(k): torch.from_numpy(masks[i]) for i, k in enumerate(levels)}
         return self._supports[group][width]
 
     @contextmanager
@@ -197,22 +168,27 @@ class Scorer:
                     gm.get_parameter(fqn).copy_(state[fqn])
 
     def _prune(self, widths: Mapping[str, int]) -> None:
-        gm, state = self.work, self.plan.program.state_dict
+        """Re-fit every narrowed group on its curve's support and zero it in the working copy."""
+        state = self.plan.program.state_dict
+        groups, masks, weights = [], {}, {}
         for name, width in widths.items():
             group = self.plan.group(name)
             if width >= group.count:
                 continue
             key = (name, width)
             if key not in self._solutions:
-                self._solutions[key] = solve_group(group, self.grams, state.__getitem__, self._support(name, width), "refit", self.damp)
+                self._solutions[key] = refit_group(group, self.grams, state.__getitem__, self._support(name, width), self.damp)
             solution = self._solutions[key]
-            write_group(gm, group, solution.keep, solution.weights)
+            groups.append(group)
+            masks[name] = solution.mask
+            weights.update(solution.weights)
+        zero_structures(self.work, groups, masks, weights)
 
     def __call__(self, widths: Mapping[str, int]) -> float:
         key = tuple(sorted((g, w) for g, w in widths.items() if w < self.plan.group(g).count))
         if key not in self._scores:
             with self.model(dict(key)) as model:
-                self._scores[key] = end_to_end_loss(self.task, model, self.batches, self.dense_outputs)
+                self._scores[key] = self.task.end_to_end_loss(model, self.batches, self.dense_outputs)
         return self._scores[key]
 
 

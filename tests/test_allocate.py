@@ -9,7 +9,7 @@ import pytest
 
 from osscar_export.allocate import allocate, min_latency_ms, tradeoff
 from osscar_export.errors import InfeasibleBudgetError, LatencyTableError, PlanError
-from osscar_export.latency import LatencyTable
+from osscar_export.latency.table import LatencyTable
 
 
 def make_table(times: dict[str, dict[int, float]], base_ms: float) -> LatencyTable:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from osscar_export.errors import CalibrationDataError, PlanError
-from osscar_export.passes.calibrate import Calibrate, SequentialCalibrator, blocked_groups, check_batches
+from osscar_export.passes.base import PruneState
+from osscar_export.passes.calibrate import Calibrate, SequentialCalibrator, blocked_groups, calibrate, check_batches
 from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, StructurePlan
 
 
@@ -90,7 +91,9 @@ def conv_plan(depthwise_consumer: bool = False) -> tuple[ConvNet, StructurePlan]
 def test_linear_gram_is_xtx_over_all_tokens():
     model, plan = mlp3_plan()
     batches = [torch.randn(5, 3, 6) for _ in range(3)]
-    grams = Calibrate()(plan, batches, progress=False).value
+    result = Calibrate(progress=False)(PruneState(plan=plan, batches=batches))
+    assert not result.changed  # calibrate analyses, it never alters the model
+    grams = result.state.grams
     x1 = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
     x2 = torch.cat([torch.relu(model.fc2(torch.relu(model.fc1(b)))).reshape(-1, 7) for b in batches]).double()
     torch.testing.assert_close(grams.xtx["fc2.weight"], x1.T @ x1, rtol=1e-5, atol=1e-5)
@@ -102,7 +105,7 @@ def test_linear_gram_is_xtx_over_all_tokens():
 def test_conv_gram_rows_reproduce_the_conv_with_its_stride_padding_dilation():
     model, plan = conv_plan()
     batches = [torch.randn(2, 3, 11, 9) for _ in range(2)]
-    grams = Calibrate()(plan, batches, progress=False).value
+    grams = calibrate(plan, batches, progress=False)
     inputs = {
         "conv2": lambda b: torch.relu(model.conv1(b)),
         "conv3": lambda b: torch.relu(model.conv2(torch.relu(model.conv1(b)))),
@@ -132,7 +135,7 @@ def test_depthwise_consumer_is_blocked_with_a_reason():
     blocked = dict(blocked_groups(plan, plan.program.module()))
     assert set(blocked) == {"conv3.channel"}
     assert "grouped conv" in blocked["conv3.channel"]
-    grams = Calibrate()(plan, [torch.randn(2, 3, 11, 9)], progress=False).value
+    grams = calibrate(plan, [torch.randn(2, 3, 11, 9)], progress=False)
     assert "dw.weight" not in grams.xtx and grams.blocked == list(blocked.items())
 
 
@@ -182,7 +185,7 @@ def test_dynamic_batch_dim_accepts_other_sizes():
     ep = torch.export.export(model, (torch.randn(4, 6),), dynamic_shapes=({0: batch},), strict=False)
     plan = StructurePlan(ep, (torch.randn(4, 6),), [channel_group(ep, "fc1.neuron", "fc1", "fc2", 8)])
     xs = [torch.randn(3, 6), torch.randn(9, 6)]
-    grams = Calibrate()(plan, xs, progress=False).value
+    grams = calibrate(plan, xs, progress=False)
     x1 = torch.relu(model.fc1(torch.cat(xs))).double()
     torch.testing.assert_close(grams.xtx["fc2.weight"], x1.T @ x1, rtol=1e-5, atol=1e-5)
     with pytest.raises(CalibrationDataError, match=r"\(\*, 6\)"):
@@ -233,7 +236,7 @@ def test_padded_positions_are_not_calibration_rows_in_either_mode():
         x = torch.relu(model.fc1(h + (h * keys).sum(1, keepdim=True) / keys.sum(1, keepdim=True)))
         real.append(x[mask.bool()])
     x = torch.cat(real).double().detach()
-    dense = Calibrate()(plan, batches, progress=False).value
+    dense = calibrate(plan, batches, progress=False)
     torch.testing.assert_close(dense.xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
     assert dense.rows == {"fc2.weight": 5 + 2 + 3 + 1}
     sequential = SequentialCalibrator(plan, plan.program.module(), batches)
@@ -241,7 +244,7 @@ def test_padded_positions_are_not_calibration_rows_in_either_mode():
     torch.testing.assert_close(staged.xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
     # what sits at the padded positions cannot change the Grams
     noisy = [(torch.where(m.bool(), ids, torch.randint(1, 11, ids.shape)), m) for ids, m in batches]
-    torch.testing.assert_close(Calibrate()(plan, noisy, progress=False).value.xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(calibrate(plan, noisy, progress=False).xtx["fc2.weight"], x.T @ x, rtol=1e-5, atol=1e-5)
 
 
 def test_a_float_attention_mask_is_not_read_as_padding():
@@ -250,5 +253,5 @@ def test_a_float_attention_mask_is_not_read_as_padding():
     model = TinyEncoder().eval()
     ep = torch.export.export(model, (ids, mask.float()), strict=False)
     plan = StructurePlan(ep, (ids, mask.float()), [channel_group(ep, "fc1.neuron", "fc1", "fc2", 8)])
-    grams = Calibrate()(plan, [(ids, mask.float())], progress=False).value
+    grams = calibrate(plan, [(ids, mask.float())], progress=False)
     assert grams.rows == {"fc2.weight": ids.numel()}

@@ -11,17 +11,11 @@ import pytest
 import torch
 
 from osscar_export.errors import LatencyTableError, TargetUnavailableError
-from osscar_export.latency import (
-    LatencyTable,
-    MeasureSettings,
-    find_table,
-    graph_signature,
-    measure,
-    table_path,
-    width_grid,
-)
+from osscar_export.latency.table import LatencyTable, find_table, graph_signature, table_path
+from osscar_export.latency.timing import MeasureSettings, measure
 from osscar_export.plan import StructureGroup
 from osscar_export.targets import get_target
+from osscar_export.widths import ALIGN, first_mask, width_grid
 
 FAST = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2)
 
@@ -153,13 +147,15 @@ def group(kind: str, count: int) -> StructureGroup:
     return StructureGroup(name="g", kind=kind, count=count, unit=1, consumers=(), producers=())
 
 
-def test_width_grid_is_aligned_and_bounded():
-    g = width_grid(group("neuron", 1536), align=16, max_levels=24)
-    assert g[0] == 1 and g[-1] == 1536
-    assert all(w % 16 == 0 for w in g[1:])
-    assert len(g) <= 26
-    assert width_grid(group("head", 9)) == list(range(1, 10))
-    assert width_grid(group("channel", 20), align=8) == [1, 8, 16, 20]
+def test_fallback_width_grid_is_aligned_and_bounded():
+    # the grid measure_latency falls back to (FALLBACK_LEVELS; it adds the full width when missing)
+    from osscar_export.latency.build import FALLBACK_LEVELS
+
+    g = width_grid(group("neuron", 1536), FALLBACK_LEVELS)
+    assert g[-1] == 1536 and len(g) == FALLBACK_LEVELS
+    assert all(w % ALIGN == 0 for w in g)
+    assert width_grid(group("head", 9), FALLBACK_LEVELS) == list(range(1, 10))
+    assert width_grid(group("channel", 20), FALLBACK_LEVELS) == [8, 16]
 
 
 def test_graph_signature_depends_on_shapes_not_values():
@@ -296,16 +292,17 @@ def tiny_llama():
 
 
 def test_measure_latency_measures_identical_layers_once_and_predicts_end_to_end(tiny_llama, tmp_path, monkeypatch):
-    from osscar_export import latency
+    from osscar_export.latency import build
+    from osscar_export.latency.build import measure_latency
     from osscar_export.passes.materialize import materialize
 
     model, inputs, plan = tiny_llama
     target = get_target("ort-cpu")
     # thread CPU time: other jobs on a shared CI machine stretch the long end-to-end run far more
-    # than the short regions (see osscar_export.latency)
+    # than the short regions (see osscar_export.latency.timing)
     settings = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2, clock="thread")
     widths = {g.name: sorted({1, g.count // 2, g.count}) for g in plan.groups}
-    table = latency.measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path)
+    table = measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path)
     assert set(table.groups) == {g.name for g in plan.groups}
     layers = {g.name.split("layers.")[1].split(".")[0] for g in plan.groups if "layers." in g.name}
     assert len(layers) == 2
@@ -316,14 +313,14 @@ def test_measure_latency_measures_identical_layers_once_and_predicts_end_to_end(
     mlp = next(g for g in plan.groups if g.kind == "neuron")
     assert table.ms(mlp.name, 1) < table.ms(mlp.name, mlp.count)
 
-    # the fit passes near every allocation it was calibrated on, the fastest one among them
+    # the fit passes near every allocation it was fitted to, the fastest one among them
     assert table.fastest_ms is not None and table.scale > 0
-    assert {c.label for c in table.calibration} >= {"dense", "fastest"}
-    for c in table.calibration:
+    assert {c.label for c in table.fit_points} >= {"dense", "fastest"}
+    for c in table.fit_points:
         assert abs(table.predict(c.widths) - c.ms) / c.ms < 0.25, (c, table.predict(c.widths))
     # ... and predicts a third allocation it was not fitted on
     half = {g.name: g.count // 2 if g.kind == "neuron" else g.count for g in plan.groups}
-    small = materialize(model, plan, {g: latency.keep_first(plan.group(g).count, k) for g, k in half.items()})
+    small = materialize(model, plan, {g: first_mask(plan.group(g).count, k) for g, k in half.items()})
     measured = measure(target.compile(small, inputs), inputs, settings).ms
     predicted = table.predict(half)
     assert table.fastest_ms < predicted < table.dense_ms
@@ -333,12 +330,12 @@ def test_measure_latency_measures_identical_layers_once_and_predicts_end_to_end(
     def no_measuring(*args, **kwargs):
         raise AssertionError("the stored table should have been re-used")
 
-    monkeypatch.setattr(latency, "measure", no_measuring)
-    assert latency.measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path) == table
+    monkeypatch.setattr(build, "measure", no_measuring)
+    assert measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path) == table
 
 
 def test_thread_clock_is_refused_for_multithreaded_targets(tiny_llama, tmp_path):
-    from osscar_export.latency import measure_latency
+    from osscar_export.latency.build import measure_latency
 
     _, _, plan = tiny_llama
     with pytest.raises(ValueError, match="single-threaded"):
@@ -362,7 +359,8 @@ class Stem(torch.nn.Module):
 
 
 def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(monkeypatch):
-    from osscar_export import latency
+    from osscar_export.latency.build import measure_latency
+    from osscar_export.latency.regions import owning_paths
     from osscar_export.passes.materialize import materialize
     from osscar_export.passes.structures import find_structures
 
@@ -370,7 +368,7 @@ def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(mo
     model, inputs = Stem().eval(), (torch.randn(1, 3, 48, 48),)
     plan = find_structures(model, inputs)
     stem = plan.group("conv.channel")
-    assert latency._owning_paths(stem) == [""]  # no submodule owns it
+    assert owning_paths(stem) == [""]  # no submodule owns it
     timed: list[torch.fx.GraphModule] = []
     compile_ = type(get_target("ort-cpu")).compile
 
@@ -381,38 +379,39 @@ def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(mo
     monkeypatch.setattr(type(get_target("ort-cpu")), "compile", recording)
     target = get_target("ort-cpu")
     settings = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2, clock="thread")
-    table = latency.measure_latency(plan, target, {g.name: [1, 32, g.count] for g in plan.groups}, settings=settings, cache_dir=None)
+    table = measure_latency(plan, target, {g.name: [1, 32, g.count] for g in plan.groups}, settings=settings, cache_dir=None)
     monkeypatch.undo()
 
     # every region is a small part of the model; only the end-to-end points compile all of it
     full_nodes = sum(n.op == "call_function" for n in plan.program.graph.nodes)
     sizes = [sum(n.op == "call_function" for n in m.graph.nodes) for m in timed]
     whole = [n for n in sizes if n > full_nodes // 2]
-    assert len(whole) == len(table.calibration), (sizes, full_nodes)  # each calibration point compiled once
+    assert len(whole) == len(table.fit_points), (sizes, full_nodes)  # each fit point compiled once
     assert len(sizes) - len(whole) == sum(len(curve) for curve in table.times.values())
     assert table.ms(stem.name, 1) < table.ms(stem.name, stem.count)
 
     half = {stem.name: 32}
-    small = materialize(model, plan, {g: latency.keep_first(plan.group(g).count, k) for g, k in half.items()})
+    small = materialize(model, plan, {g: first_mask(plan.group(g).count, k) for g, k in half.items()})
     measured = measure(target.compile(small, inputs), inputs, settings).ms
     predicted = table.predict(half)
     assert abs(predicted - measured) / measured < 0.3, (predicted, measured, table.dense_ms, table.fastest_ms)
 
 
 def test_identical_regions_are_analysed_once(tiny_llama, monkeypatch):
-    from osscar_export import latency
-    from osscar_export.passes import structures
+    from osscar_export.latency import build, regions
+    from osscar_export.latency.build import measure_latency
+    from osscar_export.latency.timing import Timing
 
     _, _, plan = tiny_llama
     analysed: list[int] = []
-    find = structures.find_structures
+    find = regions.find_structures
 
     def counting(*args, **kwargs):
         analysed.append(1)
         return find(*args, **kwargs)
 
-    monkeypatch.setattr(structures, "find_structures", counting)
-    monkeypatch.setattr(latency, "measure", lambda *a, **k: latency.Timing(1.0, (1.0,), 0.0, 0.0, 1, False))
-    table = latency.measure_latency(plan, get_target("ort-cpu"), {g.name: [g.count] for g in plan.groups}, cache_dir=None)
+    monkeypatch.setattr(regions, "find_structures", counting)
+    monkeypatch.setattr(build, "measure", lambda *a, **k: Timing(1.0, (1.0,), 0.0, 0.0, 1, False))
+    table = measure_latency(plan, get_target("ort-cpu"), {g.name: [g.count] for g in plan.groups}, cache_dir=None)
     # two identical decoder layers: each kind of region is analysed for the first layer only
     assert len(analysed) == len(set(table.groups.values())) == len(plan.groups) // 2

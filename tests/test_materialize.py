@@ -1,4 +1,5 @@
-"""The mask-equivalence law (DESIGN.md §8): materialize(model) computes what apply_masks(model) computes.
+"""The mask-equivalence law (docs/design.md, "Mask-equivalence law"): materialize(model) computes
+what apply_masks(model) computes.
 
 Hand-written plans on tiny models pin the mechanics (producers, followers, consumers, fused
 offsets, shape constants, validation); the model families go through the real structure pass.
@@ -17,7 +18,8 @@ from torch import nn
 import models_zoo
 from osscar_export.errors import PlanError
 from osscar_export.export import export_onnx
-from osscar_export.passes.materialize import MaterializePass, apply_masks, materialize
+from osscar_export.passes.base import PruneState
+from osscar_export.passes.materialize import Materialize, apply_masks, materialize
 from osscar_export.passes.structures import find_structures
 from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, StructurePlan
 
@@ -25,29 +27,35 @@ from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, Struct
 # helpers
 
 
-def random_keep(plan: StructurePlan, fraction: float, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random support per group keeping round(fraction·n) structures (at least one)."""
+def random_masks(plan: StructurePlan, fraction: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random mask per group keeping round(fraction·n) structures (at least one)."""
     gen = torch.Generator().manual_seed(seed)
-    keep = {}
+    masks = {}
     for g in plan.groups:
         k = max(1, round(fraction * g.count))
         mask = torch.zeros(g.count, dtype=torch.bool)
         mask[torch.randperm(g.count, generator=gen)[:k]] = True
-        keep[g.name] = mask
-    return keep
+        masks[g.name] = mask
+    return masks
 
 
-def expected_removed_params(plan: StructurePlan, keep: dict[str, torch.Tensor]) -> int:
+def expected_removed_params(plan: StructurePlan, masks: dict[str, torch.Tensor]) -> int:
     """Parameter count the slices say must go, from counts, units and offsets alone."""
     shapes = {k: list(v.shape) for k, v in plan.program.state_dict.items() if isinstance(v, nn.Parameter)}
     dense = {k: math.prod(v) for k, v in shapes.items()}
     for g in plan.groups:
-        r = int((~keep[g.name]).sum()) if g.name in keep else 0
+        r = int((~masks[g.name]).sum()) if g.name in masks else 0
         slices = dict.fromkeys(g.producers + g.followers + tuple(c.input for c in g.consumers))
         for s in slices:
             if s.target in shapes:
                 shapes[s.target][s.dim] -= r * s.unit * len(s.offsets)
     return sum(dense[k] - math.prod(v) for k, v in shapes.items())
+
+
+def materialize_state(model: nn.Module, plan: StructurePlan, masks: dict, weights: dict | None = None) -> PruneState:
+    """What the Materialize pass reads."""
+    return PruneState(model=model, example_inputs=plan.example_inputs, program=plan.program, plan=plan, masks=masks,
+                      weights=weights)
 
 
 def n_params(module: nn.Module) -> int:
@@ -73,19 +81,19 @@ def show(name: str, fraction: float, res: dict, onnx_diff: float | None = None) 
     print(line + ("" if onnx_diff is None else f", ONNX vs small {onnx_diff:.2g}"))
 
 
-def check_equivalence(model: nn.Module, plan: StructurePlan, keep: dict[str, torch.Tensor], args: tuple) -> dict:
+def check_equivalence(model: nn.Module, plan: StructurePlan, masks: dict[str, torch.Tensor], args: tuple) -> dict:
     """Assert the law for one support; return the measured numbers."""
     dense = outputs(model, args)
-    masked_model = apply_masks(model, plan, keep)
-    small = materialize(model, plan, keep)
+    masked_model = apply_masks(model, plan, masks)
+    small = materialize(model, plan, masks)
     masked = outputs(masked_model, args)
     got = outputs(small, args)
     scale = float(masked.abs().max())
     diff = float((got - masked).abs().max())
     assert diff <= 1e-4 * scale + 1e-5, f"small vs masked: max diff {diff:.3g} at scale {scale:.3g}"
     removed = n_params(model) - n_params(small)
-    assert removed == expected_removed_params(plan, keep)
-    if any(not bool(m.all()) for m in keep.values()):
+    assert removed == expected_removed_params(plan, masks)
+    if any(not bool(m.all()) for m in masks.values()):
         assert removed > 0
         change = float((masked - dense).abs().max())
         assert change > 1e-3 * float(dense.abs().max()), "masking changed nothing: the test would be trivial"
@@ -205,8 +213,8 @@ TINY = {"convnet": convnet_plan, "heads_mlp": heads_mlp_plan}
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tiny_equivalence(name: str, fraction: float) -> None:
     model, plan = TINY[name]()
-    keep = random_keep(plan, fraction, seed=1)
-    res = check_equivalence(model, plan, keep, plan.example_inputs)
+    masks = random_masks(plan, fraction, seed=1)
+    res = check_equivalence(model, plan, masks, plan.example_inputs)
     # the result is a plain graph that re-exports and runs
     again = torch.export.export(res["small"], plan.example_inputs, strict=False).module()
     torch.testing.assert_close(outputs(again, plan.example_inputs), outputs(res["small"], plan.example_inputs))
@@ -216,9 +224,9 @@ def test_inputs_untouched_and_fresh_inputs_agree() -> None:
     model, plan = heads_mlp_plan()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plan_before = {k: v.clone() for k, v in plan.program.state_dict.items()}
-    keep = random_keep(plan, 0.5)
-    small = materialize(model, plan, keep)
-    masked = apply_masks(model, plan, keep)
+    masks = random_masks(plan, 0.5)
+    small = materialize(model, plan, masks)
+    masked = apply_masks(model, plan, masks)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     for k, v in plan.program.state_dict.items():
@@ -234,8 +242,8 @@ def test_dynamic_dims_stay_dynamic() -> None:
     shape_nodes = {sa.node for g in plan.groups for sa in g.shape_args}
     assert shape_nodes <= {n.name for n in ep.graph.nodes}
     plan = StructurePlan(ep, plan.example_inputs, plan.groups)
-    keep = random_keep(plan, 0.5)
-    small, masked = materialize(model, plan, keep), apply_masks(model, plan, keep)
+    masks = random_masks(plan, 0.5)
+    small, masked = materialize(model, plan, masks), apply_masks(model, plan, masks)
     x = (torch.randn(3, 7, 16),)  # another batch and sequence length than the example
     torch.testing.assert_close(outputs(small, x), outputs(masked, x), rtol=1e-5, atol=1e-5)
 
@@ -246,38 +254,38 @@ def test_keep_one_and_keep_all() -> None:
     res = check_equivalence(model, plan, one, plan.example_inputs)
     assert res["small"].qkv.weight.shape == (3 * 4, 16)
     whole = {g.name: torch.ones(g.count, dtype=torch.bool) for g in plan.groups}
-    result = MaterializePass()(model, plan, whole)
+    result = Materialize()(materialize_state(model, plan, whole))
     assert not result.changed
-    torch.testing.assert_close(outputs(result.value, plan.example_inputs), outputs(model, plan.example_inputs))
-    assert MaterializePass()(model, plan, random_keep(plan, 0.5)).changed
+    torch.testing.assert_close(outputs(result.state.model, plan.example_inputs), outputs(model, plan.example_inputs))
+    assert Materialize()(materialize_state(model, plan, random_masks(plan, 0.5))).changed
 
 
 def test_missing_group_is_kept_whole() -> None:
     model, plan = heads_mlp_plan()
-    keep = {"mlp.neuron": random_keep(plan, 0.5)["mlp.neuron"]}
-    res = check_equivalence(model, plan, keep | {"attn.head": torch.ones(4, dtype=torch.bool)}, plan.example_inputs)
-    small = materialize(model, plan, keep)
+    masks = {"mlp.neuron": random_masks(plan, 0.5)["mlp.neuron"]}
+    res = check_equivalence(model, plan, masks | {"attn.head": torch.ones(4, dtype=torch.bool)}, plan.example_inputs)
+    small = materialize(model, plan, masks)
     assert small.qkv.weight.shape == model.qkv.weight.shape
     torch.testing.assert_close(outputs(small, plan.example_inputs), outputs(res["small"], plan.example_inputs))
 
 
 def test_refit_weights_applied_in_dense_layout() -> None:
     model, plan = heads_mlp_plan()
-    keep = random_keep(plan, 0.5, seed=3)
+    masks = random_masks(plan, 0.5, seed=3)
     gen = torch.Generator().manual_seed(0)
     consumers = [c.weight for g in plan.groups for c in g.consumers]
     weights = {w: torch.randn(model.get_parameter(w).shape, generator=gen) for w in consumers}
-    masked = apply_masks(model, plan, keep, weights)
-    small = materialize(model, plan, keep, weights)
+    masked = apply_masks(model, plan, masks, weights)
+    small = materialize(model, plan, masks, weights)
     args = plan.example_inputs
     torch.testing.assert_close(outputs(small, args), outputs(masked, args), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(outputs(masked, args), outputs(apply_masks(model, plan, keep), args))
-    kept_heads = keep["attn.head"].nonzero().reshape(-1)
+    assert not torch.allclose(outputs(masked, args), outputs(apply_masks(model, plan, masks), args))
+    kept_heads = masks["attn.head"].nonzero().reshape(-1)
     rows = Slice("o.weight", 1, 4).indices(kept_heads)
     torch.testing.assert_close(small.o.weight, weights["o.weight"][:, rows])
     # all groups kept whole, weights applied: still a change
     whole = {g.name: torch.ones(g.count, dtype=torch.bool) for g in plan.groups}
-    assert MaterializePass()(model, plan, whole, weights).changed
+    assert Materialize()(materialize_state(model, plan, whole, weights)).changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,7 +293,7 @@ def test_refit_weights_applied_in_dense_layout() -> None:
 
 
 @pytest.mark.parametrize(
-    "keep, message",
+    "masks, message",
     [
         ({"mlp.neuron": torch.ones(11, dtype=torch.bool)}, "expected \\(12,\\)"),
         ({"mlp.neuron": torch.ones(12)}, "torch.bool"),
@@ -294,12 +302,12 @@ def test_refit_weights_applied_in_dense_layout() -> None:
         ({"attn.head": torch.zeros(4, dtype=torch.bool)}, "removes all 4"),
     ],
 )
-def test_bad_keep_masks(keep, message) -> None:
+def test_bad_masks(masks, message) -> None:
     model, plan = heads_mlp_plan()
     with pytest.raises(PlanError, match=message):
-        materialize(model, plan, keep)
+        materialize(model, plan, masks)
     with pytest.raises(PlanError, match=message):
-        apply_masks(model, plan, keep)
+        apply_masks(model, plan, masks)
 
 
 @pytest.mark.parametrize(
@@ -313,9 +321,9 @@ def test_bad_keep_masks(keep, message) -> None:
 def test_bad_weights(weights, message) -> None:
     model, plan = heads_mlp_plan()
     with pytest.raises(PlanError, match=message):
-        materialize(model, plan, random_keep(plan, 0.5), weights)
+        materialize(model, plan, random_masks(plan, 0.5), weights)
     with pytest.raises(PlanError, match=message):
-        apply_masks(model, plan, random_keep(plan, 0.5), weights)
+        apply_masks(model, plan, random_masks(plan, 0.5), weights)
 
 
 def test_missing_shape_arg_is_reported() -> None:
@@ -325,7 +333,7 @@ def test_missing_shape_arg_is_reported() -> None:
     broken = StructureGroup(**{**heads.__dict__, "shape_args": heads.shape_args[:-1]})
     plan = StructurePlan(plan.program, plan.example_inputs, [broken, plan.group("mlp.neuron")])
     with pytest.raises(PlanError, match="does not re-export"):
-        materialize(model, plan, random_keep(plan, 0.5))
+        materialize(model, plan, random_masks(plan, 0.5))
 
 
 def test_overlapping_groups_are_rejected() -> None:
@@ -339,12 +347,12 @@ def test_overlapping_groups_are_rejected() -> None:
 def test_plan_for_another_model_is_rejected() -> None:
     _, plan = heads_mlp_plan()
     with pytest.raises(PlanError, match="another model"):
-        materialize(HeadsMLP(hidden=10), plan, random_keep(plan, 0.5))
+        materialize(HeadsMLP(hidden=10), plan, random_masks(plan, 0.5))
 
 
 def test_tiny_onnx_export_of_small(tmp_path) -> None:
     model, plan = heads_mlp_plan()
-    small = materialize(model, plan, random_keep(plan, 0.5))
+    small = materialize(model, plan, random_masks(plan, 0.5))
     rep = export_onnx(small, plan.example_inputs, tmp_path / "small.onnx")
     assert rep.path.exists() and rep.max_abs_diff <= 1e-4
 
@@ -386,8 +394,8 @@ def test_family_equivalence(name: str, fraction: float, tmp_path) -> None:
     assert plan.groups, f"{name}: the structure pass found no groups"
     args = plan.example_inputs
     assert float(outputs(model, args).std()) > 0.05, "model output ~constant: equivalence would be trivial"
-    keep = random_keep(plan, fraction, seed=round(fraction * 100))
-    res = check_equivalence(model, plan, keep, args)
+    masks = random_masks(plan, fraction, seed=round(fraction * 100))
+    res = check_equivalence(model, plan, masks, args)
     onnx_diff = check_onnx(res, args, tmp_path / f"{name}.onnx") if fraction == 0.5 else None
     show(name, fraction, res, onnx_diff)
 
@@ -398,8 +406,8 @@ def test_gqa_whole_kv_groups() -> None:
     kv = [g for g in plan.groups if g.kind == "kv_group"]
     assert len(kv) == 2 and all(g.count == 3 for g in kv)
     for removed in ([1], [0, 2]):
-        keep = {g.name: ~torch.isin(torch.arange(3), torch.tensor(removed)) for g in kv}
-        res = check_equivalence(model, plan, keep, plan.example_inputs)
+        masks = {g.name: ~torch.isin(torch.arange(3), torch.tensor(removed)) for g in kv}
+        res = check_equivalence(model, plan, masks, plan.example_inputs)
         small, left = res["small"], 3 - len(removed)
         shape = {k: tuple(v.shape) for k, v in small.named_parameters() if k.startswith("model.layers.0.self_attn")}
         assert shape["model.layers.0.self_attn.q_proj.weight"] == (left * 3 * 64, 576)
@@ -412,8 +420,8 @@ def test_gqa_dynamic_sequence() -> None:
     """A plan captured with a dynamic sequence gives a small model that runs at other lengths."""
     model, args = models_zoo.llama_gqa()
     plan = find_structures(model, args, dynamic_shapes=({1: torch.export.Dim("seq", min=2, max=32)},))
-    keep = random_keep(plan, 0.5, seed=11)
-    small, masked = materialize(model, plan, keep), apply_masks(model, plan, keep)
+    masks = random_masks(plan, 0.5, seed=11)
+    small, masked = materialize(model, plan, masks), apply_masks(model, plan, masks)
     x = (torch.randint(0, models_zoo.VOCAB, (1, 13)),)
     torch.testing.assert_close(outputs(small, x), outputs(masked, x), rtol=1e-4, atol=1e-5)
 
@@ -427,7 +435,7 @@ def test_efficientnet_lite0_real_weights(tmp_path) -> None:
     plan = find_structures(loaded.model, args)
     assert len(plan.groups) >= 10
     for fraction in (0.25, 0.5, 0.9):
-        res = check_equivalence(loaded.model, plan, random_keep(plan, fraction, seed=7), args)
+        res = check_equivalence(loaded.model, plan, random_masks(plan, fraction, seed=7), args)
         onnx_diff = check_onnx(res, args, tmp_path / "lite0.onnx") if fraction == 0.5 else None
         show("efficientnet-lite0", fraction, res, onnx_diff)
 
@@ -443,6 +451,6 @@ def test_real_language_models(name: str, tmp_path) -> None:
     assert "neuron" in kinds and kinds & {"head", "kv_group"}
     args = loaded.example_inputs
     for fraction in (0.25, 0.5, 0.9):
-        res = check_equivalence(loaded.model, plan, random_keep(plan, fraction, seed=5), args)
+        res = check_equivalence(loaded.model, plan, random_masks(plan, fraction, seed=5), args)
         onnx_diff = check_onnx(res, args, tmp_path / f"{name}.onnx") if fraction == 0.5 else None
         show(name, fraction, res, onnx_diff)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from osscar_export.allocate import allocate
-from osscar_export.pipeline import BUDGET_RETRIES, BUDGET_TOLERANCE, JobConfig, _tighter_allocation
+from osscar_export.job import JobConfig
+from osscar_export.pipeline import BUDGET_RETRIES, BUDGET_TOLERANCE, _tighter_allocation
 from tests.test_search import two_kind_instance
 
 

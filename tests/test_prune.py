@@ -13,10 +13,13 @@ from torch import nn
 
 from osscar_export import solver
 from osscar_export.errors import CalibrationDataError, PlanError
-from osscar_export.passes.calibrate import Calibrate
-from osscar_export.passes.materialize import apply_masks
+from osscar_export.passes.base import PruneState, run_passes
+from osscar_export.passes.calibrate import Calibrate, calibrate
+from osscar_export.passes.materialize import Materialize, apply_masks
+from osscar_export.passes.solve import Solve, layer_problem
 from osscar_export.plan import StructurePlan
-from osscar_export.prune import METHODS, error_curves, layer_problem, prune, resolve_keep_counts
+from osscar_export.prune import error_curves, prune, resolve_widths
+from osscar_export.solver import METHODS
 from test_calibrate import channel_group, conv_plan, mlp3_plan
 
 SOLVER_METHODS = [m for m in METHODS if m != "exact"]
@@ -65,7 +68,7 @@ def consumer_increase(model: SharedChannels, grams, support: list[int]) -> float
 
 def test_stacked_problem_is_the_sum_of_its_consumers():
     model, plan = shared_plan()
-    grams = Calibrate()(plan, [torch.randn(2, 3, 5, 5) for _ in range(3)], progress=False).value
+    grams = calibrate(plan, [torch.randn(2, 3, 5, 5) for _ in range(3)], progress=False)
     problem = layer_problem(plan.groups[0], grams, plan.program.state_dict.__getitem__, damp=0.01)
     assert problem.d == 10 and problem.H.shape == (60, 60) and problem.W.shape == (60, 10)
     split = problem.split(problem.W)
@@ -79,10 +82,10 @@ def test_stacked_problem_is_the_sum_of_its_consumers():
 def test_exact_method_on_a_shared_group_finds_the_best_joint_support():
     model, plan = shared_plan()
     batches = [torch.randn(2, 3, 5, 5) for _ in range(3)]
-    grams = Calibrate()(plan, batches, progress=False).value
-    result = prune(model, batches, keep_counts={"conv1.channel": 3}, method="exact", mode="dense", plan=plan, progress=False)
+    grams = calibrate(plan, batches, progress=False)
+    result = prune(model, batches, widths={"conv1.channel": 3}, method="exact", mode="dense", plan=plan, progress=False)
     best = min(itertools.combinations(range(6), 3), key=lambda s: consumer_increase(model, grams, list(s)))
-    assert result.keep["conv1.channel"].nonzero().reshape(-1).tolist() == list(best)
+    assert result.masks["conv1.channel"].nonzero().reshape(-1).tolist() == list(best)
     assert sum(result.layer_losses.values()) == pytest.approx(consumer_increase(model, grams, list(best)), rel=1e-7)
     # each consumer's re-fit is its own least-squares solution on the shared support
     for fqn, area in (("conv2.weight", 9), ("fc.weight", 1)):
@@ -98,10 +101,10 @@ def test_exact_method_on_a_shared_group_finds_the_best_joint_support():
 def test_pipeline_loss_and_support_equal_the_solver_on_the_same_gram():
     model, plan = mlp3_plan()
     batches = [torch.randn(5, 3, 6) for _ in range(4)]
-    result = prune(model, batches, keep_counts={"fc1.neuron": 3}, method="osscar", mode="dense", plan=plan, progress=False)
+    result = prune(model, batches, widths={"fc1.neuron": 3}, method="osscar", mode="dense", plan=plan, progress=False)
     x = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
-    ref = solver.prune_layer(x.T @ x, model.fc2.weight.T.double(), group_size=1, keep=3, method="osscar", damp=0.01)
-    assert torch.equal(result.keep["fc1.neuron"], torch.as_tensor(ref.keep))
+    ref = solver.prune_layer(x.T @ x, model.fc2.weight.T.double(), group_size=1, width=3, method="osscar", damp=0.01)
+    assert torch.equal(result.masks["fc1.neuron"], torch.as_tensor(ref.mask))
     assert result.layer_losses["fc2.weight"] == pytest.approx(float(ref.loss), rel=1e-6, abs=1e-9)
     torch.testing.assert_close(result.weights["fc2.weight"].T.double(), torch.as_tensor(ref.weight, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     assert set(result.layer_losses) == {"fc2.weight"}  # the whole fc2.neuron group was kept: no re-fit
@@ -111,23 +114,23 @@ def test_sequential_mode_feeds_later_consumers_the_pruned_model():
     model, plan = mlp3_plan()
     batches = [torch.randn(5, 3, 6) for _ in range(4)]
     counts = {"fc1.neuron": 4, "fc2.neuron": 3}
-    result = prune(model, batches, keep_counts=counts, method="greedy", mode="sequential", plan=plan, progress=False)
+    result = prune(model, batches, widths=counts, method="greedy", mode="sequential", plan=plan, progress=False)
     x1 = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
-    first = solver.prune_layer(x1.T @ x1, model.fc2.weight.T.double(), group_size=1, keep=4, method="greedy", damp=0.01)
+    first = solver.prune_layer(x1.T @ x1, model.fc2.weight.T.double(), group_size=1, width=4, method="greedy", damp=0.01)
     w2 = torch.as_tensor(first.weight).T.float()
     x2 = torch.cat([torch.relu(F.linear(torch.relu(model.fc1(b)), w2, model.fc2.bias)).reshape(-1, 7) for b in batches]).double()
-    second = solver.prune_layer(x2.T @ x2, model.fc3.weight.T.double(), group_size=1, keep=3, method="greedy", damp=0.01)
-    assert torch.equal(result.keep["fc2.neuron"], torch.as_tensor(second.keep))
+    second = solver.prune_layer(x2.T @ x2, model.fc3.weight.T.double(), group_size=1, width=3, method="greedy", damp=0.01)
+    assert torch.equal(result.masks["fc2.neuron"], torch.as_tensor(second.mask))
     assert result.layer_losses["fc3.weight"] == pytest.approx(float(second.loss), rel=1e-5, abs=1e-9)
     torch.testing.assert_close(result.weights["fc3.weight"].T.double(), torch.as_tensor(second.weight, dtype=torch.float64), rtol=1e-4, atol=1e-5)
-    dense = prune(model, batches, keep_counts=counts, method="greedy", mode="dense", plan=plan, progress=False)
+    dense = prune(model, batches, widths=counts, method="greedy", mode="dense", plan=plan, progress=False)
     x2_dense = torch.cat([torch.relu(model.fc2(torch.relu(model.fc1(b)))).reshape(-1, 7) for b in batches]).double()
-    ref_dense = solver.prune_layer(x2_dense.T @ x2_dense, model.fc3.weight.T.double(), group_size=1, keep=3, method="greedy", damp=0.01)
+    ref_dense = solver.prune_layer(x2_dense.T @ x2_dense, model.fc3.weight.T.double(), group_size=1, width=3, method="greedy", damp=0.01)
     assert dense.layer_losses["fc3.weight"] == pytest.approx(float(ref_dense.loss), rel=1e-5, abs=1e-9)
-    # dense mode given the Calibrate pass's Grams of the same batches decides the same
-    given = prune(model, batches, keep_counts=counts, method="greedy", mode="dense", plan=plan, progress=False,
-                  grams=Calibrate()(plan, batches, progress=False).value)
-    assert all(torch.equal(given.keep[g], dense.keep[g]) for g in dense.keep)
+    # dense mode given calibrate's Grams of the same batches decides the same
+    given = prune(model, batches, widths=counts, method="greedy", mode="dense", plan=plan, progress=False,
+                  grams=calibrate(plan, batches, progress=False))
+    assert all(torch.equal(given.masks[g], dense.masks[g]) for g in dense.masks)
     assert given.layer_losses == pytest.approx(dense.layer_losses, rel=1e-9)
 
 
@@ -136,32 +139,32 @@ def test_every_method_materializes_to_the_masked_refit_model(method):
     model, plan = conv_plan()
     batches = [torch.randn(2, 3, 11, 9) for _ in range(2)]
     result = prune(model, batches, keep_fraction=0.5, method=method, plan=plan, progress=False)
-    assert [int(result.keep[g].sum()) for g in ("conv1.channel", "conv2.channel", "conv3.channel")] == [3, 2, 2]
+    assert [int(result.masks[g].sum()) for g in ("conv1.channel", "conv2.channel", "conv3.channel")] == [3, 2, 2]
     assert set(result.weights) == {"conv2.weight", "conv3.weight", "head.weight"}
     for fqn, mask in (("conv2.weight", "conv1.channel"), ("conv3.weight", "conv2.channel"), ("head.weight", "conv3.channel")):
-        assert result.weights[fqn][:, ~result.keep[mask]].abs().sum() == 0
+        assert result.weights[fqn][:, ~result.masks[mask]].abs().sum() == 0
     assert result.model.get_parameter("conv2.weight").shape == (2, 3, 3, 3)
     assert result.model.get_parameter("dw.weight").shape == (2, 1, 3, 3)
-    masked = apply_masks(model, plan, result.keep, result.weights)
+    masked = apply_masks(model, plan, result.masks, result.weights)
     x = torch.randn(2, 3, 11, 9)
     torch.testing.assert_close(result.model(x), masked(x), rtol=1e-4, atol=1e-5)
 
 
-def test_keep_fraction_by_kind_name_and_counts():
+def test_keep_fraction_by_kind_name_and_widths():
     _, plan = mlp3_plan()
-    assert resolve_keep_counts(plan, 0.3, None) == {"fc1.neuron": 2, "fc2.neuron": 2}
-    assert resolve_keep_counts(plan, None, None) == {"fc1.neuron": 4, "fc2.neuron": 4}
-    assert resolve_keep_counts(plan, {"channel": 0.5, "fc2.neuron": 0.01}, None) == {"fc1.neuron": 4, "fc2.neuron": 1}
-    assert resolve_keep_counts(plan, {"fc2.neuron": 0.75}, None) == {"fc1.neuron": 8, "fc2.neuron": 5}
-    assert resolve_keep_counts(plan, None, {"fc1.neuron": 6}) == {"fc1.neuron": 6, "fc2.neuron": 7}
+    assert resolve_widths(plan, 0.3, None) == {"fc1.neuron": 2, "fc2.neuron": 2}
+    assert resolve_widths(plan, None, None) == {"fc1.neuron": 4, "fc2.neuron": 4}
+    assert resolve_widths(plan, {"channel": 0.5, "fc2.neuron": 0.01}, None) == {"fc1.neuron": 4, "fc2.neuron": 1}
+    assert resolve_widths(plan, {"fc2.neuron": 0.75}, None) == {"fc1.neuron": 8, "fc2.neuron": 5}
+    assert resolve_widths(plan, None, {"fc1.neuron": 6}) == {"fc1.neuron": 6, "fc2.neuron": 7}
     for bad in ({"head": 0.5}, {"fc1.neuron": 0.0}, 1.5):
         with pytest.raises(PlanError):
-            resolve_keep_counts(plan, bad, None)
+            resolve_widths(plan, bad, None)
     for bad in ({"nope": 2}, {"fc1.neuron": 0}, {"fc1.neuron": 9}):
         with pytest.raises(PlanError):
-            resolve_keep_counts(plan, None, bad)
+            resolve_widths(plan, None, bad)
     with pytest.raises(PlanError, match="not both"):
-        resolve_keep_counts(plan, 0.5, {"fc1.neuron": 2})
+        resolve_widths(plan, 0.5, {"fc1.neuron": 2})
 
 
 def test_blocked_groups_are_kept_whole_and_cannot_be_named():
@@ -170,10 +173,10 @@ def test_blocked_groups_are_kept_whole_and_cannot_be_named():
     plan.groups[2] = dataclasses.replace(last, consumers=tuple(dataclasses.replace(c, full=False) for c in last.consumers))
     x = [torch.randn(2, 3, 11, 9)]
     with pytest.raises(PlanError, match="no consumer owns"):
-        prune(model, x, keep_counts={"conv3.channel": 2}, plan=plan, progress=False)
+        prune(model, x, widths={"conv3.channel": 2}, plan=plan, progress=False)
     result = prune(model, x, keep_fraction=0.5, method="mp", plan=plan, progress=False)
     assert [name for name, _ in result.blocked] == ["conv3.channel"]
-    assert bool(result.keep["conv3.channel"].all()) and "head.weight" not in result.weights
+    assert bool(result.masks["conv3.channel"].all()) and "head.weight" not in result.weights
 
 
 @pytest.mark.parametrize("calibration, match", [([], "empty"), (torch.randn(5, 3, 6), "iterable"), ([torch.randn(5, 3, 7)], "shape")])
@@ -186,8 +189,8 @@ def test_prune_rejects_bad_calibration(calibration, match):
 def test_error_curves_are_cached_and_resume(tmp_path, monkeypatch):
     model, plan = mlp3_plan()
     batches = [torch.randn(5, 3, 6) for _ in range(3)]
-    grams = Calibrate()(plan, batches, progress=False).value
-    levels = [0.25, 0.5, 0.75, 1.0]
+    grams = calibrate(plan, batches, progress=False)
+    levels = 4  # fractions 1/4 … 1 (widths.width_grid), as the pipeline passes --levels
     curves = error_curves(plan, grams, levels, cache_dir=tmp_path, progress=False)
     assert {name: widths.tolist() for name, (widths, _) in curves.items()} == {"fc1.neuron": [2, 4, 6, 8], "fc2.neuron": [2, 4, 5, 7]}
     for widths, losses in curves.values():
@@ -213,22 +216,44 @@ def test_prune_without_a_plan_finds_structures_and_matches_the_masked_model(buil
     result = prune(model, calibration, keep_fraction=0.5, progress=False)
     assert {g.kind for g in result.plan.groups} >= {"neuron"}
     for g in result.plan.groups:
-        assert int(result.keep[g.name].sum()) == max(1, round(0.5 * g.count))
+        assert int(result.masks[g.name].sum()) == max(1, round(0.5 * g.count))
     assert set(result.layer_losses) == {c.weight for g in result.plan.groups for c in g.consumers if c.full}
-    masked = apply_masks(model, result.plan, result.keep, result.weights)
+    masked = apply_masks(model, result.plan, result.masks, result.weights)
     with torch.no_grad():
         torch.testing.assert_close(result.model(*example), masked(*example), rtol=1e-4, atol=1e-4)
 
 
-def test_curve_widths_align_channels_and_keep_heads_whole():
-    from osscar_export.prune import ALIGN, curve_widths
-    from osscar_export.plan import StructureGroup
+@pytest.mark.parametrize("mode", ["dense", "sequential"])
+def test_the_passes_prune_does_only_materialize_changes_the_model(mode):
+    model, plan = mlp3_plan()
+    batches = [(torch.randn(5, 3, 6),) for _ in range(3)]
+    widths = {"fc1.neuron": 4, "fc2.neuron": 3}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = PruneState(model=model, example_inputs=plan.example_inputs, program=plan.program, plan=plan, batches=batches)
+    calibrated = Calibrate(progress=False)(state)
+    solve = Solve("greedy", mode, widths, progress=False)
+    solved = solve(calibrated.state)
+    assert not calibrated.changed and not solved.changed
+    assert solved.state.model is model and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert {g: int(m.sum()) for g, m in solved.state.masks.items()} == widths
+    assert set(solved.state.weights) == set(solved.state.losses) == {"fc2.weight", "fc3.weight"}
+    done = Materialize()(solved.state)
+    assert done.changed and done.state.model.fc2.weight.shape == (3, 4)
+    result = prune(model, batches, widths=widths, method="greedy", mode=mode, plan=plan, progress=False)
+    chained = run_passes([Calibrate(progress=False), Solve("greedy", mode, widths, progress=False), Materialize()], state)
+    assert chained.changed
+    for g, mask in result.masks.items():
+        assert torch.equal(chained.state.masks[g], mask)
+    for fqn, w in result.weights.items():
+        assert torch.equal(chained.state.weights[fqn], w)
 
-    levels = [i / 16 for i in range(1, 17)]
-    channels = StructureGroup(name="c", kind="channel", count=144, unit=1, producers=[], followers=[], consumers=[])
-    widths = curve_widths(channels, levels)
-    assert all(w % ALIGN == 0 for w in widths) and widths[-1] == 144 and len(widths) == 16
-    heads = StructureGroup(name="h", kind="kv_group", count=3, unit=64, producers=[], followers=[], consumers=[])
-    assert curve_widths(heads, levels) == [1, 2, 3]
-    small = StructureGroup(name="s", kind="neuron", count=12, unit=1, producers=[], followers=[], consumers=[])
-    assert curve_widths(small, levels) == sorted({max(1, round(f * 12)) for f in levels})
+
+def test_solve_refuses_a_width_for_a_group_it_cannot_serve():
+    model, plan = conv_plan()
+    last = plan.groups[2]
+    plan.groups[2] = dataclasses.replace(last, consumers=tuple(dataclasses.replace(c, full=False) for c in last.consumers))
+    state = PruneState(model=model, plan=plan, program=plan.program, batches=[(torch.randn(2, 3, 11, 9),)])
+    with pytest.raises(PlanError, match="conv3.channel.*cannot be pruned"):
+        Solve("mp", "sequential", {"conv3.channel": 2}, progress=False)(state)
+    with pytest.raises(PlanError, match="outside 1..6"):
+        Solve("mp", "sequential", {"conv1.channel": 7}, progress=False)(state)

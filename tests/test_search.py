@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
-from osscar_export import evaluate
 from osscar_export.allocate import allocate, group_losses
-from osscar_export.passes.calibrate import Calibrate
+from osscar_export.passes.calibrate import calibrate
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import error_curves
 from osscar_export.search import (
@@ -18,12 +15,12 @@ from osscar_export.search import (
     SENSITIVITY_FLOOR,
     Scorer,
     candidates,
-    end_to_end_loss,
     probe_widths,
     search_allocation,
     sensitivities,
     uniform_allocation,
 )
+from osscar_export.tasks import TASKS
 from tests.test_allocate import make_table
 
 WIDTHS = [2, 4, 6, 8]
@@ -108,22 +105,6 @@ def test_measured_sensitivities_recover_an_additive_end_to_end_loss():
     assert harmless["a1"] == pytest.approx(SENSITIVITY_FLOOR * sorted(true[g] for g in ("a0", "b0", "b1"))[1])
 
 
-def test_end_to_end_loss_matches_the_quality_metrics():
-    torch.manual_seed(0)
-    ids = torch.randint(0, 17, (2, 9))
-    lm = nn.Sequential(nn.Embedding(17, 8), nn.Linear(8, 17))
-    assert end_to_end_loss("causal-lm", lm, [(ids,)], [lm(ids)]) == pytest.approx(
-        math.log(evaluate.perplexity(lm, [(ids,)])), rel=1e-6)
-    x = torch.randn(5, 8)
-    clf, other = nn.Linear(8, 4), nn.Linear(8, 4)
-    dense_out = [clf(x).detach()]
-    assert end_to_end_loss("image-classification", clf, [(x,)], dense_out) == pytest.approx(0.0, abs=1e-7)
-    kl = evaluate.classification_metrics(other, clf, [(x,)])["kl_dense_to_model"]
-    assert end_to_end_loss("image-classification", other, [(x,)], dense_out) == pytest.approx(kl, rel=1e-5)
-    assert end_to_end_loss("encoder", clf, [(x,)], dense_out) == pytest.approx(0.0, abs=1e-12)
-    assert end_to_end_loss("encoder", other, [(x,)], dense_out) > 0.1
-
-
 class Mlp(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -140,9 +121,9 @@ def test_scorer_builds_refitted_models_whose_loss_grows_as_widths_shrink():
     model = Mlp().eval()
     plan = find_structures(model, batches[0])
     (group,) = plan.groups
-    grams = Calibrate()(plan, batches).value
+    grams = calibrate(plan, batches)
     curves = error_curves(plan, grams, [0.25, 0.5, 0.75, 1.0], progress=False)
-    scorer = Scorer(plan, grams, curves, batches, task="encoder")
+    scorer = Scorer(plan, grams, curves, batches, task=TASKS["encoder"])
     assert scorer({group.name: group.count}) == pytest.approx(0.0, abs=1e-12)
     widths = sorted((int(w) for w in curves[group.name][0] if w < group.count), reverse=True)
     assert len(widths) >= 3
@@ -155,10 +136,10 @@ def test_scorer_builds_refitted_models_whose_loss_grows_as_widths_shrink():
     with scorer.model({group.name: widths[1]}) as pruned:
         kept = pruned.get_parameter("fc2.weight").abs().sum(0) > 0
         assert int(kept.sum()) == widths[1]
-        refitted = end_to_end_loss("encoder", pruned, batches, scorer.dense_outputs)
+        refitted = TASKS["encoder"].end_to_end_loss(pruned, batches, scorer.dense_outputs)
     with torch.no_grad():
         masked.fc2.weight[:, ~kept] = 0
-    assert refitted < end_to_end_loss("encoder", masked, batches, scorer.dense_outputs)
+    assert refitted < TASKS["encoder"].end_to_end_loss(masked, batches, scorer.dense_outputs)
     # the working copy is restored after each candidate and the captured program never changes
     assert scorer({group.name: group.count}) == pytest.approx(0.0, abs=1e-12)
     assert torch.equal(plan.program.state_dict["fc2.weight"], model.fc2.weight)

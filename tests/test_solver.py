@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from solver_cases import correlated_layer, damped, objective_increase
 from torch import nn
 
-from osscar_export import solver
 from osscar_export.solver import METHODS, error_curve, prune_layer
+from osscar_export.solver.gradual import Gradual
+from osscar_export.solver.layer import group_rows, nested_refit_losses, prepare, refit_support
+from osscar_export.solver.swaps import Swept, local_search
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +42,7 @@ def _group_rows(groups, d: int) -> list[int]:
 
 def _layer(p=12, m=5, d=2, seed=0, dead=0):
     XtX, W = correlated_layer(p, m, seed, dead=dead)
-    return XtX, W, solver._prepare(XtX, W, d, 0.01)
+    return XtX, W, prepare(XtX, W, d, 0.01)
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -51,10 +53,10 @@ def test_support_optimum_and_value_closed_forms(d):
     XtX, W, layer = _layer(p=12, d=d, seed=1)
     H, G = damped(XtX), damped(XtX) @ W
     assert torch.allclose(layer.H, H) and torch.allclose(layer.G, G)
-    keep = torch.tensor([True, False, True, True] + [False] * (12 // d - 4))
-    rows = _group_rows(keep.nonzero(), d)
+    mask = torch.tensor([True, False, True, True] + [False] * (12 // d - 4))
+    rows = _group_rows(mask.nonzero(), d)
     W_bf, f_bf = _optimum(H, G, rows)
-    W_cf, loss = solver._refit(layer, keep)
+    W_cf, loss = refit_support(layer, mask)
     # W_R = H_RR⁻¹ G_R, zero elsewhere; the gradient vanishes on R.
     assert torch.allclose(W_cf, W_bf, atol=1e-9)
     assert (H @ W_cf - G)[rows].abs().max() < 1e-8
@@ -72,7 +74,7 @@ def test_removal_costs_and_joint_downdate_match_resolves(d):
     XtX, W, layer = _layer(p=16, d=d, seed=2)
     H, G = layer.H, layer.G
     n = layer.n
-    engine = solver._Gradual(layer, torch.arange(n))
+    engine = Gradual(layer, torch.arange(n))
     engine.remove(torch.tensor([1]))  # start from a non-trivial support
     kept = [g for g in range(n) if g != 1]
     _, f_R = _optimum(H, G, _group_rows(kept, d))
@@ -92,7 +94,7 @@ def test_removal_costs_and_joint_downdate_match_resolves(d):
     idx = torch.tensor(rows)
     pos = engine.alive.nonzero().reshape(-1)
     assert engine.groups[pos].tolist() == rest
-    A = engine.A[solver._rows(pos, d)][:, solver._rows(pos, d)]
+    A = engine.A[group_rows(pos, d)][:, group_rows(pos, d)]
     assert torch.allclose(A, torch.linalg.inv(H[idx][:, idx]), atol=1e-10)
 
 
@@ -100,29 +102,29 @@ def test_removal_costs_and_joint_downdate_match_resolves(d):
 def test_swept_reentry_gains_and_removal_costs_match_resolves(d):
     XtX, W, layer = _layer(p=15, d=d, seed=3)
     H, G, n = layer.H, layer.G, layer.n
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[[0, 2, 3]] = True
-    state = solver._Swept(layer, keep)
-    R = _group_rows(keep.nonzero(), d)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[[0, 2, 3]] = True
+    state = Swept(layer, mask)
+    R = _group_rows(mask.nonzero(), d)
     W_R, f_R = _optimum(H, G, R)
     p = layer.p
     assert torch.allclose(state.T[torch.tensor(R), p:], W_R[torch.tensor(R)], atol=1e-9)  # W_R
-    pruned = (~keep).nonzero().reshape(-1)
+    pruned = (~mask).nonzero().reshape(-1)
     gamma = -state.deltas(pruned, add=True)
     for j, g in zip(pruned.tolist(), gamma.tolist()):  # γ_J = f*(R) − f*(R∪J)
-        _, f_plus = _optimum(H, G, _group_rows(keep.nonzero().reshape(-1).tolist() + [j], d))
+        _, f_plus = _optimum(H, G, _group_rows(mask.nonzero().reshape(-1).tolist() + [j], d))
         assert g == pytest.approx(f_R - f_plus, rel=1e-8)
-        # the Schur-complement form of DESIGN §4: C = H_JJ − H_JR H_RR⁻¹ H_RJ, g = G_J − H_JR W_R
+        # the Schur-complement form of docs/design.md, "Solver": C = H_JJ − H_JR H_RR⁻¹ H_RJ, g = G_J − H_JR W_R
         J, Ri = torch.tensor(_group_rows([j], d)), torch.tensor(R)
         C = H[J][:, J] - H[J][:, Ri] @ torch.linalg.solve(H[Ri][:, Ri], H[Ri][:, J])
         gJ = G[J] - H[J][:, Ri] @ W_R[Ri]
         assert g == pytest.approx(0.5 * float(torch.trace(gJ.T @ torch.linalg.solve(C, gJ))), rel=1e-8)
-    rho = state.deltas(keep.nonzero().reshape(-1), add=False)
-    for j, r in zip(keep.nonzero().reshape(-1).tolist(), rho.tolist()):
-        _, f_minus = _optimum(H, G, _group_rows([g for g in keep.nonzero().reshape(-1).tolist() if g != j], d))
+    rho = state.deltas(mask.nonzero().reshape(-1), add=False)
+    for j, r in zip(mask.nonzero().reshape(-1).tolist(), rho.tolist()):
+        _, f_minus = _optimum(H, G, _group_rows([g for g in mask.nonzero().reshape(-1).tolist() if g != j], d))
         assert r == pytest.approx(f_minus - f_R, rel=1e-8)
     # a swap (drop D, re-add the t best) is scored exactly without sweeping: brute force agrees
-    kept_list = keep.nonzero().reshape(-1).tolist()
+    kept_list = mask.nonzero().reshape(-1).tolist()
     for drop, t in (([2], 1), ([0, 3], 2)):
         add, change = state.swap(torch.tensor(drop), pruned, t, state.pruned_side(pruned))
         rest = [g for g in kept_list if g not in drop]
@@ -139,18 +141,18 @@ def test_swept_reentry_gains_and_removal_costs_match_resolves(d):
     assert torch.allclose(state.T[R2, p:], W2[R2], atol=1e-8)
     # and a reverse sweep is its exact inverse
     state.sweep(layer.rows(both), add=False)
-    assert torch.allclose(state.T, solver._Swept(layer, keep).T, atol=1e-8)
+    assert torch.allclose(state.T, Swept(layer, mask).T, atol=1e-8)
 
 
 def test_nested_prefix_losses_equal_refits():
     XtX, W, layer = _layer(p=18, d=3, seed=4)
     order = torch.randperm(layer.n, generator=torch.Generator().manual_seed(0))
     levels = list(range(layer.n + 1))
-    losses = solver._nested_refit_losses(layer, order, levels)
+    losses = nested_refit_losses(layer, order, levels)
     for k, loss in zip(levels, losses.tolist()):
-        keep = torch.zeros(layer.n, dtype=torch.bool)
-        keep[order[:k]] = True
-        assert loss == pytest.approx(solver._refit(layer, keep)[1], rel=1e-9, abs=1e-9)
+        mask = torch.zeros(layer.n, dtype=torch.bool)
+        mask[order[:k]] = True
+        assert loss == pytest.approx(refit_support(layer, mask)[1], rel=1e-9, abs=1e-9)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -161,18 +163,18 @@ def test_nested_prefix_losses_equal_refits():
 def test_every_method_returns_a_consistent_solution(method, d):
     XtX, W = correlated_layer(16, 6, seed=5, samples=10, dead=3)  # singular Gram + dead inputs
     s = 3
-    sol = prune_layer(XtX, W, group_size=d, keep=s, method=method)
+    sol = prune_layer(XtX, W, group_size=d, width=s, method=method)
     n = 16 // d
-    assert sol.keep.dtype == torch.bool and sol.keep.shape == (n,) and int(sol.keep.sum()) == s
+    assert sol.mask.dtype == torch.bool and sol.mask.shape == (n,) and int(sol.mask.sum()) == s
     assert sol.weight.shape == (16, 6) and sol.weight.dtype == torch.float64
-    gone = solver._rows((~sol.keep).nonzero(), d)
+    gone = group_rows((~sol.mask).nonzero(), d)
     assert sol.weight[gone].abs().max() == 0
     W0 = W.clone()
     W0[torch.diagonal(XtX) == 0] = 0
     assert sol.loss >= 0
     assert sol.loss == pytest.approx(objective_increase(damped(XtX), sol.weight, W0), rel=1e-8)
     if method != "mp":  # every other method returns the exact re-fit on its support
-        assert torch.allclose(sol.weight, solver._refit(solver._prepare(XtX, W, d, 0.01), sol.keep)[0], atol=1e-8)
+        assert torch.allclose(sol.weight, refit_support(prepare(XtX, W, d, 0.01), sol.mask)[0], atol=1e-8)
 
 
 def test_exact_agrees_with_exhaustive_enumeration():
@@ -184,8 +186,8 @@ def test_exact_agrees_with_exhaustive_enumeration():
                 itertools.combinations(range(6), s),
                 key=lambda c: _optimum(H, H @ W, _group_rows(c, 2))[1],
             )
-            sol = prune_layer(XtX, W, group_size=2, keep=s, method="exact")
-            assert sorted(sol.keep.nonzero().reshape(-1).tolist()) == list(best)
+            sol = prune_layer(XtX, W, group_size=2, width=s, method="exact")
+            assert sorted(sol.mask.nonzero().reshape(-1).tolist()) == list(best)
 
 
 def test_greedy_is_one_at_a_time_obs():
@@ -196,8 +198,8 @@ def test_greedy_is_one_at_a_time_obs():
     kept = list(range(10))
     while len(kept) > 3:
         kept.remove(min(kept, key=lambda j: _optimum(H, G, [g for g in kept if g != j])[1]))
-    sol = prune_layer(XtX, W, group_size=1, keep=3, method="greedy")
-    assert sol.keep.nonzero().reshape(-1).tolist() == kept
+    sol = prune_layer(XtX, W, group_size=1, width=3, method="greedy")
+    assert sol.mask.nonzero().reshape(-1).tolist() == kept
 
 
 def test_dead_inputs_go_first():
@@ -207,8 +209,8 @@ def test_dead_inputs_go_first():
     XtX[:, 12] = 0
     XtX[12, :] = 0
     for method in ("osscar", "osscar-fast", "greedy", "exact"):
-        sol = prune_layer(XtX, W, group_size=4, keep=4, method=method)
-        assert sol.keep.tolist() == [True, False, True, True, True]
+        sol = prune_layer(XtX, W, group_size=4, width=4, method=method)
+        assert sol.mask.tolist() == [True, False, True, True, True]
         assert sol.loss == pytest.approx(0.0, abs=1e-9)
         assert sol.weight[12].abs().max() == 0  # a dead row in a kept group carries nothing
 
@@ -220,9 +222,9 @@ def test_grouped_and_scalar_paths_agree_on_a_kronecker_problem(method):
     W_even, W_odd = W[:, :3], W[:, 3:]
     XtX2 = torch.kron(XtX, torch.eye(2, dtype=XtX.dtype))
     W2 = torch.stack([W_even, W_odd], dim=1).reshape(16, 3)  # row 2j: W_even[j], row 2j+1: W_odd[j]
-    one = prune_layer(XtX, W, group_size=1, keep=3, method=method)
-    two = prune_layer(XtX2, W2, group_size=2, keep=3, method=method)
-    assert torch.equal(one.keep, two.keep)
+    one = prune_layer(XtX, W, group_size=1, width=3, method=method)
+    two = prune_layer(XtX2, W2, group_size=2, width=3, method=method)
+    assert torch.equal(one.mask, two.mask)
     assert two.loss == pytest.approx(one.loss, rel=1e-9)
     assert torch.allclose(two.weight.reshape(8, 2, 3)[:, 0], one.weight[:, :3], atol=1e-9)
     assert torch.allclose(two.weight.reshape(8, 2, 3)[:, 1], one.weight[:, 3:], atol=1e-9)
@@ -231,14 +233,14 @@ def test_grouped_and_scalar_paths_agree_on_a_kronecker_problem(method):
 def test_local_search_never_returns_a_worse_support():
     for seed in range(6):
         XtX, W = correlated_layer(30, 5, seed=30 + seed)
-        layer = solver._prepare(XtX, W, 1, 0.01)
+        layer = prepare(XtX, W, 1, 0.01)
         g = torch.Generator().manual_seed(seed)
         for s in (5, 12, 25):
             start = torch.zeros(30, dtype=torch.bool)
             start[torch.randperm(30, generator=g)[:s]] = True  # a poor random start
-            _, before = solver._refit(layer, start)
-            found = solver._local_search(layer, start, before)
-            _, after = solver._refit(layer, found)
+            _, before = refit_support(layer, start)
+            found = local_search(layer, start, before)
+            _, after = refit_support(layer, found)
             assert int(found.sum()) == s
             assert after <= before
             if s < 25:
@@ -256,25 +258,25 @@ def test_conv_channel_pruning_equals_removing_input_channels():
     X = cols.permute(1, 0, 2).reshape(6 * 9, -1)
     XtX = X @ X.T
     W = conv.weight.detach().flatten(1).T
-    sol = prune_layer(XtX, W, group_size=9, keep=3, method="osscar")
-    keep = sol.keep
+    sol = prune_layer(XtX, W, group_size=9, width=3, method="osscar")
+    mask = sol.mask
     pruned = nn.Conv2d(6, 5, kernel_size=3, padding=1, stride=2).double()
     small = nn.Conv2d(3, 5, kernel_size=3, padding=1, stride=2).double()
     new_weight = sol.weight.T.reshape(5, 6, 3, 3)
     with torch.no_grad():
         pruned.weight.copy_(new_weight)
         pruned.bias.copy_(conv.bias)
-        small.weight.copy_(new_weight[:, keep])
+        small.weight.copy_(new_weight[:, mask])
         small.bias.copy_(conv.bias)
-    assert new_weight[:, ~keep].abs().max() == 0
-    assert torch.allclose(pruned(x), small(x[:, keep]), atol=1e-12)
+    assert new_weight[:, ~mask].abs().max() == 0
+    assert torch.allclose(pruned(x), small(x[:, mask]), atol=1e-12)
     # the loss is the output reconstruction error plus the ridge term, measured on the real conv
     lam = 0.01 * float(torch.diagonal(XtX).mean())
     with torch.no_grad():
-        err = 0.5 * float(((small(x[:, keep]) - conv(x)) ** 2).sum()) + 0.5 * lam * float(((sol.weight - W) ** 2).sum())
+        err = 0.5 * float(((small(x[:, mask]) - conv(x)) ** 2).sum()) + 0.5 * lam * float(((sol.weight - W) ** 2).sum())
     assert sol.loss == pytest.approx(err, rel=1e-9)
     # and it is the best 3-channel conv: no other support re-fits better
-    assert sol.loss == pytest.approx(prune_layer(XtX, W, group_size=9, keep=3, method="exact").loss, rel=1e-9)
+    assert sol.loss == pytest.approx(prune_layer(XtX, W, group_size=9, width=3, method="exact").loss, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- error curves
@@ -286,17 +288,17 @@ def test_error_curve_is_nested_and_exact(method):
     levels = [40, 1, 0, 33, 20, 10, 5, 38, 36]
     curve = error_curve(XtX, W, group_size=1, levels=levels, method=method, weights=True)
     assert curve.levels == tuple(sorted(set(levels)))
-    assert curve.keep.shape == (len(levels), 40)
-    assert curve.keep.sum(dim=1).tolist() == list(curve.levels)
-    assert all(bool((curve.keep[i] <= curve.keep[i + 1]).all()) for i in range(len(levels) - 1))
-    layer = solver._prepare(XtX, W, 1, 0.01)
+    assert curve.masks.shape == (len(levels), 40)
+    assert curve.masks.sum(dim=1).tolist() == list(curve.levels)
+    assert all(bool((curve.masks[i] <= curve.masks[i + 1]).all()) for i in range(len(levels) - 1))
+    layer = prepare(XtX, W, 1, 0.01)
     H, W0 = layer.H, layer.W0
-    for i, keep in enumerate(curve.keep):
+    for i, mask in enumerate(curve.masks):
         weight = curve.weights[i]
         assert curve.losses[i] >= 0
         assert float(curve.losses[i]) == pytest.approx(objective_increase(H, weight, W0), rel=1e-8, abs=1e-9)
         if method != "mp":
-            refit, loss = solver._refit(layer, keep)
+            refit, loss = refit_support(layer, mask)
             assert torch.allclose(weight, refit, atol=1e-8)
             assert float(curve.losses[i]) == pytest.approx(loss, rel=1e-8, abs=1e-9)
     if method != "mp":
@@ -311,8 +313,8 @@ def test_error_curve_grouped_passes_each_level_like_a_single_run():
     XtX, W = correlated_layer(36, 5, seed=41)
     curve = error_curve(XtX, W, group_size=3, levels=[2, 5, 8], method="greedy")
     for k in (2, 5, 8):  # greedy is one removal per step, so a curve level is the single run
-        sol = prune_layer(XtX, W, group_size=3, keep=k, method="greedy")
-        assert torch.equal(curve.keep[curve.levels.index(k)], sol.keep)
+        sol = prune_layer(XtX, W, group_size=3, width=k, method="greedy")
+        assert torch.equal(curve.masks[curve.levels.index(k)], sol.mask)
         assert curve.loss_at(k) == pytest.approx(sol.loss, rel=1e-9)
 
 
@@ -362,10 +364,10 @@ def test_edge_counts():
     H = damped(XtX)
     for method in METHODS:
         full = prune_layer(XtX, W, 2, 3, method)
-        assert full.keep.all() and full.loss == pytest.approx(0.0, abs=1e-9)
+        assert full.mask.all() and full.loss == pytest.approx(0.0, abs=1e-9)
         assert torch.allclose(full.weight, W)
         empty = prune_layer(XtX, W, 2, 0, method)
-        assert not empty.keep.any() and empty.weight.abs().max() == 0
+        assert not empty.mask.any() and empty.weight.abs().max() == 0
         assert empty.loss == pytest.approx(0.5 * float(torch.trace(W.T @ H @ W)), rel=1e-10)
     zero = prune_layer(torch.zeros(4, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64), 1, 2)
     assert zero.loss == 0 and zero.weight.abs().max() == 0  # every input dead
@@ -375,7 +377,7 @@ def test_edge_counts():
 
 
 def test_quality_against_the_exact_optimum():
-    """200 random correlated instances with n ≤ 16 (d ∈ {1, 2, 4}, keep 15–75%)."""
+    """200 random correlated instances with n ≤ 16 (d ∈ {1, 2, 4}, widths 15–75% of n)."""
     g = torch.Generator().manual_seed(123)
     ratios = {"osscar": [], "greedy": [], "mp+": []}
     worse_than_greedy = 0
@@ -404,5 +406,5 @@ def test_cuda_matches_cpu():
     for method in ("osscar", "greedy", "mp+"):
         cpu = prune_layer(XtX, W, 4, 6, method)
         gpu = prune_layer(XtX.cuda(), W.cuda(), 4, 6, method)
-        assert torch.equal(gpu.keep.cpu(), cpu.keep)
+        assert torch.equal(gpu.mask.cpu(), cpu.mask)
         assert gpu.loss == pytest.approx(cpu.loss, rel=1e-9)

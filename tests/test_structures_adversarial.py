@@ -1,5 +1,5 @@
-"""Hard cases from other tools' trackers (DESIGN.md §10): each yields the right groups or a blocked
-reason, never a wrong group.
+"""Hard cases from other tools' trackers: each yields the right groups or a blocked reason, never
+a wrong group (docs/design.md, "Op rules": blocking, never guessing).
 
 "Right" is checked numerically where a group is found: zeroing a set of structures in the
 producers (rows + biases), in the consumers' input columns, or in both gives the same output

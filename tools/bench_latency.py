@@ -24,11 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osscar_export.allocate import tradeoff  # noqa: E402
-from osscar_export.latency import MeasureSettings, keep_first, measure, measure_latency  # noqa: E402
+from osscar_export.latency.build import measure_latency  # noqa: E402
+from osscar_export.latency.timing import MeasureSettings, measure  # noqa: E402
 from osscar_export.models import CausalLMLogits  # noqa: E402
 from osscar_export.passes.materialize import materialize  # noqa: E402
 from osscar_export.passes.structures import find_structures  # noqa: E402
 from osscar_export.targets import get_target  # noqa: E402
+from osscar_export.widths import first_mask  # noqa: E402
 
 
 def small_llama(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> torch.nn.Module:
@@ -97,8 +99,8 @@ def main() -> None:
     allocations = tradeoff(synthetic_curves(plan, table, args.seed), table, points=args.points)
     rows = []
     for a in allocations:
-        keep = {g.name: keep_first(g.count, a.widths[g.name]) for g in plan.groups}
-        small = materialize(model, plan, keep)
+        masks = {g.name: first_mask(g.count, a.widths[g.name]) for g in plan.groups}
+        small = materialize(model, plan, masks)
         measured = measure(target.compile(small, inputs), inputs, settings)
         rows.append((a.budget_ms, a.predicted_ms, measured.ms, measured.noisy))
     dense = measure(target.compile(plan.program, inputs), inputs, settings)

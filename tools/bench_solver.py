@@ -31,7 +31,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from osscar_export.solver import EXACT_MAX_SUPPORTS, METHODS, prune_layer
+from osscar_export.solver import METHODS, prune_layer
+from osscar_export.solver.exact import EXACT_MAX_SUPPORTS
 
 CASES = [(1536, 576, 1), (576, 576, 64), (2304, 256, 9), (4096, 1024, 1), (8192, 2048, 1)]
 KEEPS = (0.5, 0.25)
@@ -55,8 +56,8 @@ def make_case(p: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torc
     return XtX, W
 
 
-def reference_gradual(XtX: torch.Tensor, W: torch.Tensor, d: int, keep: int, damp: float = DAMP) -> tuple[torch.Tensor, float]:
-    """OSSCAR_fastprune as published, in float64 with explicit masks; returns (keep mask, loss)."""
+def reference_gradual(XtX: torch.Tensor, W: torch.Tensor, d: int, width: int, damp: float = DAMP) -> tuple[torch.Tensor, float]:
+    """OSSCAR_fastprune as published, in float64 with explicit masks; returns (mask, loss)."""
     p, n = XtX.shape[0], XtX.shape[0] // d
     H = XtX.double().clone()
     W0 = W.double().clone()
@@ -71,7 +72,7 @@ def reference_gradual(XtX: torch.Tensor, W: torch.Tensor, d: int, keep: int, dam
     Hinv[gone] = 0
     Hinv[:, gone] = 0
     n0 = int(pruned.sum())
-    total = max(0, n - keep - n0)
+    total = max(0, n - width - n0)
     r = 10 if d == 1 else 2
     steps = max(1, total // r) if total > 0 else 0
     sizes = [total // steps + (1 if i < total % steps else 0) for i in range(steps)]
@@ -94,7 +95,7 @@ def reference_gradual(XtX: torch.Tensor, W: torch.Tensor, d: int, keep: int, dam
         Wc[U] = 0
         pruned[sel] = True
     kept = ~pruned
-    extra = keep - int(kept.sum())
+    extra = width - int(kept.sum())
     if extra > 0:
         kept[pruned.nonzero().reshape(-1)[:extra]] = True
     rows = (kept.nonzero().reshape(-1)[:, None] * d + torch.arange(d)).reshape(-1)
@@ -159,7 +160,7 @@ def main() -> None:
         quality(console)
         return
     table = Table(title=f"layer solver, float64, {args.threads} threads (seconds / loss / loss ÷ reference)")
-    for col in ("p", "m", "d", "n", "keep", "method", "wall s", "cpu s", "loss", "÷ ref"):
+    for col in ("p", "m", "d", "n", "width", "method", "wall s", "cpu s", "loss", "÷ ref"):
         table.add_column(col, justify="right")
     results: dict[tuple, tuple[float, float, float]] = {}
     for p, m, d in CASES:
@@ -177,13 +178,13 @@ def main() -> None:
                 if method == "reference":
                     sec, cpu, (_, loss) = _timed(lambda: reference_gradual(XtX, W, d, s))
                 else:
-                    sec, cpu, sol = _timed(lambda: prune_layer(XtX, W, group_size=d, keep=s, method=method, damp=DAMP))
+                    sec, cpu, sol = _timed(lambda: prune_layer(XtX, W, group_size=d, width=s, method=method, damp=DAMP))
                     loss = sol.loss
                 results[(p, m, d, s, method)] = (sec, cpu, loss)
                 ref = results.get((p, m, d, s, "reference"))
                 rel = f"{loss / ref[2]:.5f}" if ref and ref[2] > 0 else "-"
                 table.add_row(str(p), str(m), str(d), str(n), str(s), method, f"{sec:.3f}", f"{cpu:.3f}", f"{loss:.6g}", rel)
-                record = {"p": p, "m": m, "d": d, "n": n, "keep": s, "method": method, "seconds": sec, "cpu_seconds": cpu, "loss": loss}
+                record = {"p": p, "m": m, "d": d, "n": n, "width": s, "method": method, "seconds": sec, "cpu_seconds": cpu, "loss": loss}
                 if args.json:
                     print(json.dumps(record), flush=True)
             table.add_section()
@@ -193,10 +194,10 @@ def main() -> None:
         a, b = results.get((p, m, d, s, slow)), results.get((p, m, d, s, fast))
         if a and b:
             console.print(
-                f"p={p} m={m} d={d} keep={s}: {slow} / {fast} wall {a[0] / b[0]:.2f}x, cpu {a[1] / b[1]:.2f}x; "
+                f"p={p} m={m} d={d} width={s}: {slow} / {fast} wall {a[0] / b[0]:.2f}x, cpu {a[1] / b[1]:.2f}x; "
                 f"loss {fast} / {slow} = {b[2] / a[2]:.5f}"
             )
-    console.print("promised: reference / osscar-fast >= 8x at p=4096 keep=2048; greedy / osscar-fast >= 5x at p=1536 keep=768; loss within 0.5%")
+    console.print("promised: reference / osscar-fast >= 8x at p=4096 width=2048; greedy / osscar-fast >= 5x at p=1536 width=768; loss within 0.5%")
     ratio(4096, 1024, 1, 2048, "reference", "osscar-fast")
     ratio(1536, 576, 1, 768, "greedy", "osscar-fast")
     for p, m, d in CASES:

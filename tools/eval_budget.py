@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,16 +39,16 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osscar_export import data, evaluate  # noqa: E402
-from osscar_export.allocate import tradeoff  # noqa: E402
-from osscar_export.atomic import write_text  # noqa: E402
-from osscar_export.errors import OsscarError  # noqa: E402
-from osscar_export.export import export_onnx  # noqa: E402
-from osscar_export.latency import LatencyTable, keep_first, measure  # noqa: E402
-from osscar_export.passes.materialize import materialize  # noqa: E402
-from osscar_export.pipeline import JobConfig, Prepared, final_prune, prepare, run_job  # noqa: E402
+from osscar_export import data, evaluate
+from osscar_export.allocate import tradeoff
+from osscar_export.atomic import write_text
+from osscar_export.export import export_onnx
+from osscar_export.job import JobConfig, Prepared
+from osscar_export.latency.table import LatencyTable
+from osscar_export.latency.timing import measure
+from osscar_export.passes.materialize import materialize
+from osscar_export.pipeline import final_prune, prepare, run_job
+from osscar_export.widths import first_mask, width_grid
 
 Log = Callable[[str], None]
 
@@ -109,42 +108,29 @@ class OrtModel:
 
 
 def quality_fn(prep: Prepared, n_eval: int) -> Callable[[Callable], dict[str, float]]:
-    """The task's held-out metric for a model callable (same data for every model scored)."""
-    loaded = prep.loaded
+    """The task's held-out metric (``Task.quality``, what the job's report gives) for a model
+    callable, on the same data for every model scored; image classifiers also get top-1 accuracy
+    on the labelled photos."""
+    loaded, task = prep.loaded, prep.task
     dense = prep.plan.program.module()
-    batch = loaded.example_inputs[0].shape[0]
-    if loaded.task == "causal-lm":
-        windows = data.eval_text_windows("wiki-summaries", loaded.tokenizer, loaded.example_inputs[0].shape[1], n_eval, batch)
-        return lambda m: {"perplexity": evaluate.perplexity(m, windows)}
-    if loaded.task == "image-classification" and loaded.preprocess is not None:
-        heldout = data.natural_images("heldout", loaded.preprocess, n_eval, seed=1, batch=batch)
-        labelled, labels = data.imagenet_labelled(loaded.preprocess, batch)
+    if task.name == "image-classification" and loaded.preprocess is not None:
+        labelled, labels = data.imagenet_labelled(loaded.preprocess, loaded.example_inputs[0].shape[0])
 
         def score(m: Callable) -> dict[str, float]:
-            agree = evaluate.classification_metrics(m, dense, heldout)
             top1 = evaluate.classification_metrics(m, dense, labelled, labels)
-            return {"top1_agreement": agree["top1_agreement"], "kl_dense_to_model": agree["kl_dense_to_model"],
-                    "top1_labelled": top1["top1"], "top1_labelled_dense": top1["top1_dense"]}
+            return {**task.quality(loaded, m, dense, n_eval), "top1_labelled": top1["top1"],
+                    "top1_labelled_dense": top1["top1_dense"]}
 
         return score
-    raise OsscarError(f"no quality metric for task {loaded.task!r} in this tool")
+    return lambda m: task.quality(loaded, m, dense, n_eval)
 
 
 # ------------------------------------------------------------------------------ uniform baseline
 
 
 def uniform_widths(prep: Prepared, fraction: float) -> dict[str, int]:
-    """Every prunable group at one keep fraction (channels / neurons rounded to multiples of 8,
-    as the table's grid and the runtimes' vector lanes are)."""
-    out = {}
-    for g in prep.plan.groups:
-        if g.name not in prep.curves:
-            continue
-        if g.kind in ("channel", "neuron") and g.count >= 16:
-            out[g.name] = int(min(g.count, max(8, 8 * round(fraction * g.count / 8))))
-        else:
-            out[g.name] = int(min(g.count, max(1, round(fraction * g.count))))
-    return out
+    """Every prunable group at one keep fraction, rounded as the table's grid is (``width_grid``)."""
+    return {g.name: width_grid(g, [fraction])[0] for g in prep.plan.groups if g.name in prep.curves}
 
 
 def fraction_for(prep: Prepared, target_ms: float) -> float:
@@ -161,8 +147,8 @@ def fraction_for(prep: Prepared, target_ms: float) -> float:
 
 def materialized(prep: Prepared, widths: Mapping[str, int]) -> torch.nn.Module:
     """The allocation as a physically smaller model (keep-first masks, weights unchanged)."""
-    keep = {g: keep_first(prep.plan.group(g).count, k) for g, k in widths.items()}
-    return materialize(prep.plan.program.module(), prep.plan, keep)
+    masks = {g: first_mask(prep.plan.group(g).count, k) for g, k in widths.items()}
+    return materialize(prep.plan.program.module(), prep.plan, masks)
 
 
 def match_uniform(prep: Prepared, timer: Timer, reference: Any, reference_predicted_ms: float, log: Log,
@@ -303,7 +289,10 @@ def points_table(rows: Sequence[dict[str, Any]]) -> Table:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="any model spec osscar-export takes (default smollm2-135m)")
+    ap.add_argument("--calib", default=None, help="calibration data, as the job's --calib (default: by task)")
+    ap.add_argument("--n-calib", type=int, default=None, help="calibration samples, as the job's --n-calib (default: by task)")
+    ap.add_argument("--levels", type=int, default=16, help="widths per group of the error curves and latency table, as the job's --levels")
     ap.add_argument("--speedup", type=float, nargs="+", default=[1.5, 2.0])
     ap.add_argument("--points", type=int, default=10, help="allocations for predicted vs measured (0: skip)")
     ap.add_argument("--out", type=Path, required=True, help="working folder (uniform models, the family if run here)")
@@ -321,7 +310,8 @@ def main() -> None:
     log: Log = lambda msg: console.log(msg)  # noqa: E731
     args.out.mkdir(parents=True, exist_ok=True)
 
-    cfg = JobConfig(model=args.model, speedup=tuple(args.speedup), tables=args.tables, clock=args.clock)
+    cfg = JobConfig(model=args.model, speedup=tuple(args.speedup), tables=args.tables, clock=args.clock,
+                    calib=args.calib, n_calib=args.n_calib, levels=args.levels)
     t0 = time.perf_counter()
     prep = prepare(cfg, log)
     result: dict[str, Any] = {"model": args.model, "clock": prep.settings.clock, "dense_ms": prep.table.dense_ms,

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Compare pruning methods on real pretrained models at the same kept structure counts (DESIGN.md §9).
+"""Compare pruning methods on real pretrained models at the same kept structure counts
+(docs/results.md, "Quality vs baselines").
 
 Every method goes through ``osscar_export.prune`` with one plan, one calibration set and the same
 per-group kept counts: MP, MP+, greedy OBS and OSSCAR in sequential mode, OSSCAR in dense mode.
@@ -112,7 +113,8 @@ def smollm2(quick: bool) -> Setup:
 
 
 def efficientnet(quick: bool) -> Setup:
-    from osscar_export.data import imagenet_labelled, load_calibration, natural_images
+    from osscar_export.calibration_data import load_calibration
+    from osscar_export.data import imagenet_labelled, natural_images
     from osscar_export.evaluate import classification_metrics
     from osscar_export.models import load_model
 
@@ -136,7 +138,8 @@ def efficientnet(quick: bool) -> Setup:
 
 
 def minilm(quick: bool) -> Setup:
-    from osscar_export.data import encode_sentences, load_calibration, sentences
+    from osscar_export.calibration_data import load_calibration
+    from osscar_export.data import encode_sentences, sentences
     from osscar_export.evaluate import embedding_similarity
     from osscar_export.models import load_model
 
@@ -188,9 +191,9 @@ def run(setup: Setup, methods: list[str], console: Console) -> list[dict]:
                         continue
                 else:
                     mode = "dense" if method == "osscar-dense" else "sequential"
-                    result = prune(setup.model, setup.calibration, keep_counts=counts, method=method.removesuffix("-dense"),
+                    result = prune(setup.model, setup.calibration, widths=counts, method=method.removesuffix("-dense"),
                                    mode=mode, plan=setup.plan, progress=False)
-                    model = apply_masks(setup.model, setup.plan, result.keep, result.weights)
+                    model = apply_masks(setup.model, setup.plan, result.masks, result.weights)
                 seconds = time.perf_counter() - t0
             with torch.inference_mode():
                 if method != "tp-magnitude":

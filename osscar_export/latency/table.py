@@ -1,0 +1,330 @@
+"""The latency table: measured region times of one model on one target, and the end-to-end fit.
+
+For every group the table holds the time of its region at each kept width (groups with equal
+signatures, identical layers, share one curve). End-to-end time is modelled additively,
+``T = base + scale * sum_g t_g(k_g)``; ``base`` and ``scale`` are fitted to a few allocations
+timed end to end (the fit points), because a region timed alone is not the region in context.
+The table is measured, never modelled from FLOPs: latency is not monotonic in width.
+See docs/design.md, section Latency.
+
+Tables are cached as JSON named by ``table_key`` (device fingerprint, target settings, model
+graph signature and the code version, ``osscar_export.cache``); a table is used whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osscar_export.atomic import write_text
+from osscar_export.cache import digest, key
+from osscar_export.errors import LatencyTableError
+from osscar_export.targets import Target
+
+SCHEMA = "osscar-export/latency-table"
+# 3: fit points under "fit_points", keyed by osscar_export.cache.key; 2: the same points under
+# "calibration"; 1: fastest_ms instead of the points. All three load.
+SCHEMA_VERSION = 3
+
+
+def graph_signature(program: torch.export.ExportedProgram) -> str:
+    """A hash of what a latency depends on: op sequence, tensor shapes/dtypes of every node and
+    parameter. Equal for the 30 identical MLPs of one LM; different after any shape change."""
+    ops = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val")
+        shape = [str(tuple(val.shape)), str(val.dtype)] if isinstance(val, torch.Tensor) else None  # str: SymInts
+        ops.append([node.op, str(node.target) if node.op == "call_function" else "", shape])
+    params = sorted(
+        (list(t.shape), str(t.dtype)) for t in list(program.state_dict.values()) + list(program.constants.values())
+        if isinstance(t, torch.Tensor)
+    )
+    return digest({"ops": ops, "params": params})[:24]
+
+
+def _key_content(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> dict[str, Any]:
+    return {"fingerprint": fingerprint, "target": settings, "model": model_signature}
+
+
+def table_key(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> str:
+    """Cache key of a table: device fingerprint + target settings + model graph signature + code version."""
+    return key("latency-table", _key_content(fingerprint, settings, model_signature))
+
+
+def _schema2_key(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> str:
+    """The key schema 1 and 2 files store: the same content, without the code version."""
+    return digest(_key_content(fingerprint, settings, model_signature))[:20]
+
+
+def table_path(directory: str | Path, target: Target, model_signature: str) -> Path:
+    """Where the table for this target and model lives under ``directory``."""
+    return Path(directory) / f"{target.name}-{table_key(target.fingerprint(), target.settings(), model_signature)}.json"
+
+
+@dataclass(frozen=True)
+class FitPoint:
+    """One allocation timed end to end; groups not in ``widths`` stay at full width."""
+
+    label: str  # "dense", "fastest", "mid-25", ...
+    widths: dict[str, int]
+    ms: float
+
+
+def fit_line(points: Sequence[tuple[float, float]], *, min_spread: float = 0.05) -> tuple[float, float]:
+    """``(base, scale)`` of ``T = base + scale * S`` from ``(S, T)`` pairs (region sum, measured ms).
+
+    Least squares on the relative error, ``sum_i ((base + scale S_i - T_i) / T_i)^2``: a budget
+    and the reported error are relative, and plain least squares lets the long dense run outvote
+    the short fastest one. When the region sums span less than ``min_spread`` of the largest
+    (nothing prunable saves time) or the fit is not increasing, the slope is not determined:
+    ``scale = 1`` and ``base`` is the relative-error fit of the offset.
+    """
+    if not points:
+        raise ValueError("no points to fit")
+    if any(not (math.isfinite(s) and math.isfinite(t) and t > 0) for s, t in points):
+        raise ValueError(f"fit points must be finite with positive times, got {list(points)}")
+    w = [1 / t**2 for _, t in points]
+    sw = sum(w)
+    ss = sum(wi * s for wi, (s, _) in zip(w, points))
+    st = sum(wi * t for wi, (_, t) in zip(w, points))
+    sums = [s for s, _ in points]
+    if max(sums) - min(sums) > min_spread * max(abs(v) for v in sums):
+        sss = sum(wi * s * s for wi, (s, _) in zip(w, points))
+        sst = sum(wi * s * t for wi, (s, t) in zip(w, points))
+        scale = (sw * sst - ss * st) / (sw * sss - ss * ss)
+        if math.isfinite(scale) and scale > 0:
+            return (st - scale * ss) / sw, scale
+    return (st - ss) / sw, 1.0
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _fit_point(raw: Any, bad: Callable[[str], LatencyTableError]) -> FitPoint:
+    """A stored fit point, type-checked (whether its widths exist is the table's check)."""
+    if not (isinstance(raw, dict) and set(raw) == {"label", "widths", "ms"}):
+        raise bad(f"fit point {raw!r} is not an object with label, widths and ms")
+    label, widths, ms = raw["label"], raw["widths"], raw["ms"]
+    if not isinstance(label, str) or not label:
+        raise bad(f"fit point label {label!r} is not a non-empty string")
+    if not isinstance(widths, dict) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in widths.values()):
+        raise bad(f"fit point {label!r} has widths that are not positive integers")
+    if not _is_number(ms) or ms <= 0:
+        raise bad(f"fit point {label!r} has ms = {ms!r}, not a finite positive number")
+    return FitPoint(label, dict(widths), float(ms))
+
+
+@dataclass
+class LatencyTable:
+    """(group signature, kept width) → ms on one target, plus ``base_ms``, ``scale``, ``dense_ms``.
+
+    ``groups`` maps each group name to its signature; groups with equal signatures (identical
+    layers) share one measured curve in ``times``. ``fit_points`` holds the allocations timed
+    end to end that ``base_ms`` and ``scale`` were fitted to (empty when not fitted).
+    """
+
+    fingerprint: dict[str, Any]
+    target: dict[str, Any]  # Target.settings()
+    model_signature: str
+    measurement: dict[str, Any]  # MeasureSettings as a dict
+    dense_ms: float
+    base_ms: float
+    groups: dict[str, str]  # group name → signature
+    times: dict[str, dict[int, float]]  # signature → kept width → ms
+    noisy: list[str] = field(default_factory=list)  # "signature@width" / fit point labels measured with interference
+    scale: float = 1.0
+    fit_points: list[FitPoint] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return table_key(self.fingerprint, self.target, self.model_signature)
+
+    def _curve(self, group: str) -> dict[int, float]:
+        try:
+            return self.times[self.groups[group]]
+        except KeyError:
+            raise LatencyTableError(
+                f"latency table has no group {group!r} ({len(self.groups)} groups); it was measured for "
+                "another plan: re-measure"
+            ) from None
+
+    def widths(self, group: str) -> list[int]:
+        return sorted(self._curve(group))
+
+    def full_width(self, group: str) -> int:
+        return max(self._curve(group))
+
+    def ms(self, group: str, width: int) -> float:
+        curve = self._curve(group)
+        if width not in curve:
+            raise LatencyTableError(f"group {group!r} was not measured at width {width} (widths: {sorted(curve)})")
+        return curve[width]
+
+    def region_ms(self, widths: Mapping[str, int]) -> float:
+        """``sum_g t_g(k_g)``, the regions' times as measured alone; groups not in ``widths`` stay full."""
+        unknown = set(widths) - set(self.groups)
+        if unknown:
+            raise LatencyTableError(f"latency table has no group(s) {sorted(unknown)[:5]}: re-measure")
+        return sum(self.ms(g, widths.get(g, self.full_width(g))) for g in self.groups)
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Predicted end-to-end ms: ``base + scale * sum_g t_g(k_g)``; groups not in ``widths`` stay full."""
+        return self.base_ms + self.scale * self.region_ms(widths)
+
+    def fastest_widths(self) -> dict[str, int]:
+        """Every group at its fastest measured width (latency is not monotonic: not always 1)."""
+        return {g: min(self._curve(g).items(), key=lambda kv: (kv[1], kv[0]))[0] for g in self.groups}
+
+    @property
+    def fastest_ms(self) -> float | None:
+        """Measured end-to-end ms of the fastest allocation (None when it is not a fit point)."""
+        return next((p.ms for p in self.fit_points if p.label == "fastest"), None)
+
+    def fit(self, points: Sequence[FitPoint]) -> None:
+        """Store the end-to-end points and fit ``base_ms`` / ``scale`` to them (``fit_line``)."""
+        self.base_ms, self.scale = fit_line([(self.region_ms(p.widths), p.ms) for p in points])
+        self.fit_points = list(points)
+
+    def stale_reason(self, fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> str | None:
+        """Why this table does not apply to the given device/target/model, or None when it does."""
+        if dict(fingerprint) != self.fingerprint:
+            changed = sorted(k for k in set(fingerprint) | set(self.fingerprint) if fingerprint.get(k) != self.fingerprint.get(k))
+            return f"device/software fingerprint differs in {changed}"
+        if dict(settings) != self.target:
+            changed = sorted(k for k in set(settings) | set(self.target) if settings.get(k) != self.target.get(k))
+            return f"target settings differ in {changed}"
+        if model_signature != self.model_signature:
+            return "the model graph differs"
+        return None
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "key": self.key,
+            "fingerprint": self.fingerprint,
+            "target": self.target,
+            "model_signature": self.model_signature,
+            "measurement": self.measurement,
+            "dense_ms": self.dense_ms,
+            "base_ms": self.base_ms,
+            "groups": self.groups,
+            "times": {sig: {str(w): ms for w, ms in sorted(c.items())} for sig, c in self.times.items()},
+            "noisy": self.noisy,
+            "scale": self.scale,
+            "fit_points": [{"label": p.label, "widths": p.widths, "ms": p.ms} for p in self.fit_points],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file + rename): a reader sees the old table or the new one."""
+        write_text(path, json.dumps(self.to_json(), indent=1, sort_keys=True))
+        return Path(path)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "<json>") -> "LatencyTable":
+        """Validate everything first; a table is used whole or not at all."""
+
+        def bad(why: str) -> LatencyTableError:
+            return LatencyTableError(f"latency table {source} is invalid: {why}; delete it to re-measure")
+
+        if not isinstance(data, dict):
+            raise bad("not a JSON object")
+        if data.get("schema") != SCHEMA:
+            raise bad(f"schema is {data.get('schema')!r}, expected {SCHEMA!r}")
+        version = data.get("version")
+        if version not in (1, 2, SCHEMA_VERSION) or isinstance(version, bool):
+            raise bad(f"version is {version!r}, this osscar-export reads versions 1 to {SCHEMA_VERSION}")
+        # the end-to-end points: version 1 kept the one besides the dense model as fastest_ms
+        points_field = {1: "fastest_ms", 2: "calibration", SCHEMA_VERSION: "fit_points"}[version]
+        types = {
+            "key": str, "fingerprint": dict, "target": dict, "model_signature": str, "measurement": dict,
+            "dense_ms": (int, float), "base_ms": (int, float), "groups": dict, "times": dict, "noisy": list,
+            "scale": (int, float), points_field: (int, float, type(None)) if version == 1 else list,
+        }
+        for name, typ in types.items():
+            if not isinstance(data.get(name), typ) or isinstance(data.get(name), bool):
+                raise bad(f"field {name!r} is missing or not a {typ}")
+        times: dict[str, dict[int, float]] = {}
+        for sig, curve in data["times"].items():
+            if not isinstance(curve, dict) or not curve:
+                raise bad(f"times[{sig!r}] is not a non-empty object")
+            parsed = {}
+            for w, ms in curve.items():
+                if not (isinstance(w, str) and w.isdigit() and int(w) >= 1):
+                    raise bad(f"times[{sig!r}] has a width {w!r} that is not a positive integer")
+                if not _is_number(ms) or ms < 0:
+                    raise bad(f"times[{sig!r}][{w}] = {ms!r} is not a finite non-negative number")
+                parsed[int(w)] = float(ms)
+            times[sig] = parsed
+        for name, sig in data["groups"].items():
+            if sig not in times:
+                raise bad(f"group {name!r} has signature {sig!r} with no measured times")
+        if not all(math.isfinite(data[k]) for k in ("dense_ms", "base_ms", "scale")) or data["scale"] <= 0:
+            raise bad("dense_ms / base_ms are not finite or scale is not a positive number")
+        table = cls(
+            fingerprint=data["fingerprint"], target=data["target"], model_signature=data["model_signature"],
+            measurement=data["measurement"], dense_ms=float(data["dense_ms"]), base_ms=float(data["base_ms"]),
+            groups=dict(data["groups"]), times=times, noisy=list(data["noisy"]), scale=float(data["scale"]),
+        )
+        expected_key = table.key if version == SCHEMA_VERSION else _schema2_key(table.fingerprint, table.target, table.model_signature)
+        if data["key"] != expected_key:
+            raise bad("its key does not match its fingerprint/target/model (edited by hand, or keyed by another osscar-export?)")
+        if version == 1:
+            points = [FitPoint("dense", {}, table.dense_ms)]
+            if data["fastest_ms"] is not None:
+                full = {g: table.full_width(g) for g in table.groups}
+                fastest = {g: k for g, k in sorted(table.fastest_widths().items()) if k != full[g]}
+                points.append(FitPoint("fastest", fastest, float(data["fastest_ms"])))
+        else:
+            points = [_fit_point(raw, bad) for raw in data[points_field]]
+        if points:
+            labels = [p.label for p in points]
+            if len(set(labels)) != len(labels):
+                raise bad(f"fit point labels repeat: {labels}")
+            dense = next((p for p in points if p.label == "dense"), None)
+            if dense is None or dense.widths or dense.ms != table.dense_ms:
+                raise bad("its fit points have no dense point at dense_ms")
+            try:
+                base, scale = fit_line([(table.region_ms(p.widths), p.ms) for p in points])
+            except LatencyTableError as e:
+                raise bad(f"a fit point does not fit its groups/widths ({e})") from None
+            tol = 1e-6 * max(1.0, table.dense_ms)
+            if not (math.isclose(base, table.base_ms, rel_tol=1e-6, abs_tol=tol) and math.isclose(scale, table.scale, rel_tol=1e-6)):
+                raise bad(f"base_ms/scale ({table.base_ms:.6g}, {table.scale:.6g}) are not the fit of its points "
+                          f"({base:.6g}, {scale:.6g}) (edited by hand?)")
+            table.fit_points = points
+        return table
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        """Read and validate a table; any defect raises ``LatencyTableError``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise LatencyTableError(f"latency table {path} cannot be read ({e}); delete it to re-measure") from e
+        return cls.from_json(data, str(path))
+
+
+def find_table(directory: str | Path, target: Target, model_signature: str) -> LatencyTable | None:
+    """The stored table for this target and model, or None when there is none or it is stale.
+
+    A corrupt file raises (``LatencyTableError``) rather than being silently re-measured over,
+    so a broken cache is noticed.
+    """
+    path = table_path(directory, target, model_signature)
+    if not path.exists():
+        return None
+    table = LatencyTable.load(path)
+    if table.stale_reason(target.fingerprint(), target.settings(), model_signature) is not None:
+        return None
+    return table

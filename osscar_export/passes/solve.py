@@ -1,0 +1,230 @@
+"""Solve: each group's layer problem, and the pass that decides every group's mask and re-fit.
+
+A group's solver problem (``layer_problem``, docs/design.md, "Solver"): each full consumer's Gram
+is damped on its own (λ_c = damp·mean diag), dead inputs' weight rows are zeroed (the reference's
+treatment), and a group with several consumers is stacked into one problem whose structure ``i``
+owns the rows of structure ``i`` in every consumer (``d = Σ d_c``, H permuted block diagonal, W
+block diagonal). The layer problems are independent given the support, so the stacked objective
+is exactly the sum and its solution splits back per consumer.
+
+``Solve`` runs in one of two modes (docs/design.md, "Calibrate"): ``dense`` solves every group on
+the unpruned model's Grams; ``sequential`` solves groups in graph order, each on inputs
+propagated through a working copy of the captured module that ``zero_structures`` has already
+pruned. Either way it only decides: the model in the state is left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from osscar_export import solver
+from osscar_export.errors import PlanError
+from osscar_export.passes.base import Pass, PassResult, PruneState
+from osscar_export.passes.base import Grams
+from osscar_export.passes.calibrate import SequentialCalibrator, blocked_groups, check_batches, dense_grams
+from osscar_export.passes.materialize import zero_structures
+from osscar_export.plan import Consumer, StructureGroup
+
+MODES = ("dense", "sequential")
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where one consumer sits inside a stacked group problem."""
+
+    consumer: Consumer
+    base: int  # first row of its block in the block-diagonal layout
+    rows: int  # p_c
+    col: int  # first output column of its block
+    cols: int  # m_c
+
+
+@dataclass
+class LayerProblem:
+    """One group's solver input: damped ``H`` (p×p), ``W`` (p×m), structure size ``d``, float64."""
+
+    group: str
+    H: torch.Tensor
+    W: torch.Tensor
+    d: int
+    parts: list[_Part]
+    perm: torch.Tensor | None  # stacked row -> block-diagonal row; None when the identity
+
+    def split(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A stacked solution back to each consumer's input-major ``W`` (rows in its own order)."""
+        if self.perm is not None:
+            block = torch.empty_like(w)
+            block[self.perm] = w
+            w = block
+        return {p.consumer.weight: w[p.base : p.base + p.rows, p.col : p.col + p.cols] for p in self.parts}
+
+    def losses(self, w: torch.Tensor) -> dict[str, float]:
+        """Per-consumer objective increase ``f(W) − f(Ŵ) = ½ tr((W−Ŵ)ᵀ H (W−Ŵ))`` (sums to the group's)."""
+        dense = self.split(self.W)
+        out = {}
+        for fqn, wc in self.split(w).items():
+            p = next(p for p in self.parts if p.consumer.weight == fqn)
+            h = self._block(p)
+            diff = wc - dense[fqn]
+            out[fqn] = 0.5 * float((diff * (h @ diff)).sum())
+        return out
+
+    def _block(self, part: _Part) -> torch.Tensor:
+        if self.perm is None:
+            return self.H
+        inv = torch.empty_like(self.perm)
+        inv[self.perm] = torch.arange(len(self.perm), device=self.perm.device)
+        idx = inv[part.base : part.base + part.rows]
+        return self.H[idx][:, idx]
+
+
+def structure_rows(consumer: Consumer, weight: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count, d)`` rows of the consumer's input-major ``W`` owned by each structure, in order."""
+    s = consumer.input
+    channels = s.indices(torch.arange(count)).reshape(len(s.offsets), count, s.unit).transpose(0, 1).reshape(count, -1)
+    area = int(np.prod(weight.shape[2:])) if consumer.op != "matmul" else 1
+    rows = (channels[..., None] * area + torch.arange(area)).reshape(count, -1)
+    p = consumer.input_major(weight).shape[0]
+    if rows.shape[1] != consumer.group_size:
+        raise PlanError(f"consumer {consumer.weight} of the plan says group_size {consumer.group_size}, its slice owns {rows.shape[1]} rows per structure")
+    if rows.numel() != p or not torch.equal(rows.reshape(-1).sort().values, torch.arange(p)):
+        raise PlanError(f"consumer {consumer.weight} is marked full but the group does not own each of its {p} input rows exactly once")
+    return rows
+
+
+def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], damp: float) -> LayerProblem:
+    """Stack the group's full consumers into one solver problem (see the module docstring)."""
+    consumers = list({c.weight: c for c in group.consumers if c.full}.values())
+    if not consumers:
+        raise PlanError(f"group {group.name} has no full consumer to re-fit")
+    hs, ws, orders, parts = [], [], [], []
+    base = col = 0
+    for c in consumers:
+        if c.weight not in grams.xtx:
+            raise PlanError(f"no Gram matrix for consumer {c.weight} of group {group.name}: calibrate did not see it")
+        param = weight(c.weight)
+        w = c.input_major(param.detach()).to(torch.float64).clone()
+        h = grams.xtx[c.weight].to(device=w.device, dtype=torch.float64)
+        diag = torch.diagonal(h)
+        w[diag == 0] = 0  # dead inputs: never fire, so their rows carry nothing (as the reference)
+        mean = float(diag.mean())
+        lam = damp * mean if mean > 0 else 1.0
+        hs.append(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        ws.append(w)
+        orders.append(structure_rows(c, param, group.count).to(w.device) + base)
+        parts.append(_Part(c, base, w.shape[0], col, w.shape[1]))
+        base, col = base + w.shape[0], col + w.shape[1]
+    H = torch.block_diag(*hs) if len(hs) > 1 else hs[0]
+    W = torch.block_diag(*ws) if len(ws) > 1 else ws[0]
+    perm = torch.cat(orders, dim=1).reshape(-1)
+    if torch.equal(perm, torch.arange(len(perm), device=perm.device)):
+        perm = None
+    else:
+        H, W = H[perm][:, perm], W[perm]
+    return LayerProblem(group.name, H, W, sum(o.shape[1] for o in orders), parts, perm)
+
+
+@dataclass(frozen=True)
+class GroupSolution:
+    """One group solved at one width: its mask, re-fitted consumer weights and their losses."""
+
+    mask: torch.Tensor  # bool (count,)
+    weights: dict[str, torch.Tensor]  # consumer weight FQN -> re-fitted, parameter layout, on CPU
+    losses: dict[str, float]  # consumer weight FQN -> objective increase
+
+
+def solve_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], width: int,
+                method: str, damp: float) -> GroupSolution:
+    """Keep ``width`` structures of ``group``, chosen by ``method`` on its layer problem (built from
+    ``grams`` and the current ``weight``s), and re-fit its consumers."""
+    problem = layer_problem(group, grams, weight, damp)
+    result = solver.prune_layer(problem.H, problem.W, group_size=problem.d, width=width, method=method, damp=0.0)
+    return _solution(group, problem, result, weight)
+
+
+def refit_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], mask: torch.Tensor,
+                damp: float) -> GroupSolution:
+    """Re-fit ``group``'s consumers on a support chosen elsewhere (``mask``, e.g. an error curve's)."""
+    problem = layer_problem(group, grams, weight, damp)
+    result = solver.refit(problem.H, problem.W, group_size=problem.d, mask=mask, damp=0.0)
+    return _solution(group, problem, result, weight)
+
+
+def _solution(group: StructureGroup, problem: LayerProblem, result: solver.LayerSolution,
+              weight: Callable[[str], torch.Tensor]) -> GroupSolution:
+    w = torch.as_tensor(result.weight, dtype=torch.float64, device=problem.W.device)
+    weights = {}
+    for fqn, wc in problem.split(w).items():
+        c = next(c for c in group.consumers if c.weight == fqn)
+        weights[fqn] = c.from_input_major(wc, like=weight(fqn)).detach().cpu()
+    return GroupSolution(torch.as_tensor(result.mask, dtype=torch.bool).cpu(), weights, problem.losses(w))
+
+
+class Solve(Pass):
+    """plan + calibration batches (+ dense Grams) -> every group's mask and re-fitted consumer weights.
+
+    Groups keep ``widths[name]`` structures (groups not named are kept whole; naming a group that
+    calibrate cannot serve with a smaller width is an error). In dense mode the state's Grams are
+    used when present, else computed for the groups to prune. ``changed`` is False: it decides,
+    the model is not altered. It also fills the per-consumer layer losses (consumer weight FQN ->
+    ½‖X(W−Ŵ)‖² + ridge) the report shows.
+    """
+
+    name = "solve"
+    requires = ("plan", "batches")
+    ensures = ("masks", "weights", "losses")
+
+    def __init__(self, method: str = "osscar", mode: str = "sequential", widths: Mapping[str, int] | None = None,
+                 damp: float = 0.01, progress: bool = True):
+        if method not in solver.METHODS:
+            raise ValueError(f"method {method!r} is not one of {solver.METHODS}")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        self.method, self.mode, self.damp, self.progress = method, mode, damp, progress
+        self.widths = dict(widths or {})
+
+    def check_input(self, state: PruneState) -> None:
+        counts = {g.name: g.count for g in state.plan.groups}
+        for name, width in self.widths.items():
+            if name not in counts:
+                raise PlanError(f"widths name group {name!r}, which the plan does not have")
+            if not 1 <= width <= counts[name]:
+                raise PlanError(f"width {width} for group {name!r} is outside 1..{counts[name]}")
+
+    def run(self, state: PruneState) -> PassResult:
+        plan, method = state.plan, self.method
+        gm = copy.deepcopy(plan.program.module())  # sequential mode prunes this copy in place
+        blocked = dict(blocked_groups(plan, gm))
+        todo = [g for g in plan.groups if self.widths.get(g.name, g.count) < g.count]
+        for g in todo:
+            if g.name in blocked:
+                raise PlanError(f"group {g.name!r} cannot be pruned: {blocked[g.name]}")
+        masks = {g.name: torch.ones(g.count, dtype=torch.bool) for g in plan.groups}
+        weights: dict[str, torch.Tensor] = {}
+        losses: dict[str, float] = {}
+
+        def solve(group: StructureGroup, grams: Grams) -> GroupSolution:
+            solution = solve_group(group, grams, gm.get_parameter, self.widths[group.name], method, self.damp)
+            masks[group.name] = solution.mask
+            weights.update(solution.weights)
+            losses.update(solution.losses)
+            return solution
+
+        if self.mode == "dense":
+            grams = state.grams
+            if grams is None and todo:
+                grams = dense_grams(plan, gm, check_batches(plan, state.batches), todo, self.progress)
+            for group in tqdm(todo, desc=f"solve ({method})", disable=not self.progress, leave=False):
+                solve(group, grams)
+        else:
+            calibrator = SequentialCalibrator(plan, gm, check_batches(plan, state.batches))
+            for group in tqdm(calibrator.order(todo), desc=f"prune ({method}, sequential)", disable=not self.progress, leave=False):
+                solution = solve(group, calibrator.stage(group))
+                zero_structures(gm, [group], {group.name: solution.mask}, solution.weights)
+        return PassResult(state.replace(masks=masks, weights=weights, losses=losses), changed=False)
