@@ -6,6 +6,11 @@ version of the code that computes it. Bump a kind's version whenever its code ch
 produces; older entries then miss and are recomputed instead of being served stale. Dequantised
 models keep a readable folder name that carries their version. Values are written atomically,
 so an interrupted run resumes from whatever was finished.
+
+A Gram or error-curve file also stores the ``digest`` of its content (which covers every array's
+shape and dtype), and its arrays must have the shapes the problem asks for. A file that fails
+either check, or cannot be read, would poison every model built from it or fail every re-run the
+same way: it is reported (a warning naming it), deleted and recomputed.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,8 +35,8 @@ from osscar_export.plan import StructurePlan
 # Bump on any change to how the kind's value is computed (see the module docstring).
 VERSIONS: dict[str, int] = {
     "run": 1,
-    "grams": 1,
-    "curves": 1,
+    "grams": 2,  # 2: files carry a digest of their content
+    "curves": 2,  # 2: files carry a digest of their content
     "latency-table": 1,
     "dequantised": 1,
 }
@@ -63,6 +69,11 @@ def key(kind: str, *parts: Any, length: int = 20) -> str:
     return digest(kind, VERSIONS[kind], *parts)[:length]
 
 
+def tables_dir() -> Path:
+    """The user's folder of measured latency tables (``$OSSCAR_CACHE/latency_tables``)."""
+    return root() / "latency_tables"
+
+
 def run_dir(*inputs: Any) -> Path:
     """The folder of one job's Grams and error curves, named by what decides its calibration
     data (``inputs``: the model spec, its input shape, the calibration source, count and seed)."""
@@ -80,32 +91,104 @@ def gram_key(plan: StructurePlan, batches: Sequence[tuple]) -> str:
     return key("grams", program.graph_module.code, names, *(weights[n] for n in names), *(t for b in batches for t in b))
 
 
+def _discard(path: Path, error: Exception) -> None:
+    """Warn that the cached ``path`` is unusable and why, and delete it so it is recomputed."""
+    why = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    warnings.warn(f"cache file {path} is unusable ({why}): deleted, recomputing it", stacklevel=3)
+    path.unlink(missing_ok=True)
+
+
+def _check_shapes(arrays: Mapping[str, Any], expected: Mapping[str, Sequence[int]]) -> None:
+    """ValueError unless ``arrays`` holds exactly the ``expected`` names with those shapes."""
+    if set(arrays) != set(expected):
+        raise ValueError(f"it holds {sorted(arrays)[:6]}, expected {sorted(expected)[:6]}")
+    for name, want in expected.items():
+        if tuple(arrays[name].shape) != tuple(want):
+            raise ValueError(f"{name} has shape {tuple(arrays[name].shape)}, expected {tuple(want)}")
+
+
+def _gram_digest(xtx: Mapping[str, torch.Tensor], rows: Mapping[str, int], blocked: Sequence[Sequence[str]]) -> str:
+    return digest(sorted(xtx), *(xtx[n] for n in sorted(xtx)), dict(rows), [list(b) for b in blocked])
+
+
+def gram_shapes(plan: StructurePlan, blocked: Sequence[Sequence[str]]) -> dict[str, tuple[int, int]]:
+    """``p x p`` per full consumer of every group not ``blocked`` (rows as ``Consumer.input_major``):
+    what ``calibrate`` produces for this plan, so Grams of another model are refused."""
+    program = plan.program
+    weights = {**program.state_dict, **program.constants}
+    skip = {b[0] for b in blocked}
+    shapes = {}
+    for g in plan.groups:
+        for c in g.consumers:
+            if c.full and g.name not in skip:
+                p = c.input_major(weights[c.weight]).shape[0]
+                shapes[c.weight] = (p, p)
+    return shapes
+
+
+def _load_grams(path: Path, plan: StructurePlan) -> Grams:
+    """The Grams stored at ``path``; ValueError (or the loader's error) when anything is off."""
+    saved = torch.load(path, weights_only=True)
+    if not (isinstance(saved, dict) and set(saved) == {"xtx", "rows", "blocked", "digest"}):
+        raise ValueError("not a Gram file of this osscar-export")
+    xtx, rows, blocked = saved["xtx"], saved["rows"], saved["blocked"]
+    if saved["digest"] != _gram_digest(xtx, rows, blocked):
+        raise ValueError("its content does not match its digest")
+    _check_shapes(xtx, gram_shapes(plan, blocked))
+    return Grams(xtx, rows, [tuple(b) for b in blocked])
+
+
 def grams(plan: StructurePlan, batches: Sequence[tuple], folder: Path, log: Callable[[str], None]) -> Grams:
-    """The dense Gram matrices of ``batches``: loaded from ``folder`` when ``gram_key`` matches,
-    else computed by ``calibrate`` and saved there."""
+    """The dense Gram matrices of ``batches``: loaded from ``folder`` when ``gram_key`` matches
+    and the file passes its checks (else it is discarded, see the module docstring), otherwise
+    computed by ``calibrate`` and saved there."""
     path = folder / f"grams-{gram_key(plan, batches)}.pt"
     if path.exists():
-        log(f"re-using Gram matrices from {path}")
-        saved = torch.load(path, weights_only=True)
-        return Grams(saved["xtx"], saved["rows"], [tuple(b) for b in saved["blocked"]])
+        try:
+            loaded = _load_grams(path, plan)
+            log(f"re-using Gram matrices from {path}")
+            return loaded
+        except Exception as e:  # any defect of a cache file means: compute it again
+            _discard(path, e)
     result = calibrate(plan, batches)
+    blocked = [list(b) for b in result.blocked]
     with atomic_path(path) as tmp:
-        torch.save({"xtx": result.xtx, "rows": result.rows, "blocked": [list(b) for b in result.blocked]}, tmp)
+        torch.save({"xtx": result.xtx, "rows": result.rows, "blocked": blocked,
+                    "digest": _gram_digest(result.xtx, result.rows, blocked)}, tmp)
     return result
 
 
+def _curve_digest(arrays: CurveArrays) -> str:
+    return digest(*(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays))
+
+
+def _load_curve(path: Path, shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
+    """The curve stored at ``path``; ValueError (or the loader's error) when anything is off."""
+    with np.load(path) as z:
+        stored = {name: z[name] for name in z.files}
+    saved = stored.pop("digest", None)
+    _check_shapes(stored, shapes)
+    arrays = (stored["widths"], stored["losses"], stored["masks"])
+    if saved is None or str(saved) != _curve_digest(arrays):
+        raise ValueError("its content does not match its digest")
+    return arrays
+
+
 def error_curve(folder: str | Path, group: str, settings: Mapping[str, Any], tensors: Sequence[torch.Tensor],
-                compute: Callable[[], CurveArrays]) -> CurveArrays:
+                compute: Callable[[], CurveArrays], shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
     """One group's error curve: loaded from its own ``.npz`` in ``folder`` when the problem
-    (``settings`` and ``tensors``) matches, else ``compute()``-d and saved there."""
+    (``settings`` and ``tensors``) matches and the file passes its checks (its digest, and the
+    ``shapes`` of widths, losses and masks), else ``compute()``-d and saved there."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
     path = Path(folder) / f"{name}-{key('curves', settings, *tensors, length=16)}.npz"
     if path.exists():
-        with np.load(path) as z:
-            return z["widths"], z["losses"], z["masks"]
+        try:
+            return _load_curve(path, shapes)
+        except Exception as e:  # any defect of a cache file means: compute it again
+            _discard(path, e)
     result = compute()
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, widths=result[0], losses=result[1], masks=result[2])
+        np.savez(f, widths=result[0], losses=result[1], masks=result[2], digest=np.array(_curve_digest(result)))
     return result
 
 

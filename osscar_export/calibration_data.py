@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,7 +32,8 @@ HELD_OUT_EVERY = 4
 
 def validate_batches(batches: Sequence[Batch], example_inputs: Batch, what: str) -> list[Batch]:
     """Check that each batch fits the example inputs: same arity, dtype, and shape except the
-    batch dim, consistent batch size, finite values. Returns the batches as a list."""
+    batch dim, the example batch size (the model is captured for it), finite values. Returns the
+    batches as a list."""
     if not batches:
         raise CalibrationDataError(f"{what}: no calibration batches")
     for b, inputs in enumerate(batches):
@@ -58,19 +60,66 @@ def validate_batches(batches: Sequence[Batch], example_inputs: Batch, what: str)
             sizes.add(x.shape[0])
         if len(sizes) != 1 or 0 in sizes:
             raise CalibrationDataError(f"{what}: batch {b} has batch sizes {sorted(sizes)}")
+        if sizes != {len(example_inputs[0])}:  # the model is captured for this batch size only
+            raise CalibrationDataError(
+                f"{what}: batch {b} has {sizes.pop()} samples, the model takes batches of "
+                f"{len(example_inputs[0])} (--batch)"
+            )
     return list(batches)
 
 
+_TENSOR_FILE_CONTENT = (
+    "A calibration .pt/.pth file must be written by torch.save and hold a tensor (samples × input "
+    "dims), a list of tensors or a list of tuples of tensors (one batch each); other pickled "
+    "objects are refused because loading them could run code"
+)
+
+
+def _load_failure(path: Path, err: Exception) -> str:
+    """Why torch.load failed, in words: torch's own text is empty for an empty file and, for a
+    non-tensor pickle, advises ``weights_only=False``, which would run the file's code."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+        return "it is not a torch.save file of tensors (it holds other Python objects, or is not a torch file at all)"
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _whole_batches(rows: torch.Tensor, batch: int, path: Path) -> torch.Tensor:
+    """`rows` cut to whole batches: the model is captured for a fixed batch size, so a short last
+    batch would fail deep inside the search. Dropping the remainder is announced, never silent."""
+    if rows.dim() == 0 or len(rows) < batch:
+        raise CalibrationDataError(
+            f"{path} holds {len(rows) if rows.dim() else 0} samples, fewer than one batch of {batch} "
+            f"(the model's batch size); save at least {batch} rows"
+        )
+    kept = len(rows) - len(rows) % batch
+    if kept < len(rows):
+        warnings.warn(
+            f"{path}: {len(rows)} samples are not a multiple of the batch size {batch}; using the "
+            f"first {kept} and dropping the last {len(rows) - kept}",
+            stacklevel=2,
+        )
+    return rows[:kept]
+
+
 def tensor_file(path: str | Path, example_inputs: Batch) -> list[Batch]:
-    """Batches from a .pt file: a tensor (split into batches of the example batch size), a list
-    of tensors (one batch each, single-input models) or a list of tuples (one batch each)."""
+    """Batches from a .pt file: a tensor (split into batches of the example batch size, a partial
+    last batch dropped with a warning), a list of tensors (one batch each, single-input models) or
+    a list of tuples (one batch each)."""
     path = Path(path)
     try:
-        saved = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch's pickle-protocol note would precede our error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            saved = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-        raise CalibrationDataError(f"cannot load calibration tensors from {path}: {err}") from err
+        raise CalibrationDataError(
+            f"cannot load calibration tensors from {path}: {_load_failure(path, err)}. {_TENSOR_FILE_CONTENT}"
+        ) from err
     if isinstance(saved, torch.Tensor):
-        batches = [(chunk,) for chunk in torch.split(saved, example_inputs[0].shape[0])]
+        batch = example_inputs[0].shape[0]
+        batches = [(chunk,) for chunk in torch.split(_whole_batches(saved, batch, path), batch)]
     elif isinstance(saved, (list, tuple)):
         batches = [tuple(x) if isinstance(x, (list, tuple)) else (x,) for x in saved]
     else:

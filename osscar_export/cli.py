@@ -2,6 +2,8 @@
 
     osscar-export MODEL --latency-ms 8 [6 4 ...] | --speedup 1.5 [2 ...] [options]
     osscar-export inspect MODEL
+
+Exit codes: EXIT_OK, EXIT_ERROR, EXIT_BUDGET_MISSED, EXIT_INTERRUPTED (also in ``--help``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from osscar_export.errors import OsscarError
@@ -19,6 +22,10 @@ from osscar_export.solver import METHODS
 from osscar_export.tasks import TASKS
 
 BUILTINS = ("smollm2-135m", "efficientnet-lite0", "minilm-l6")
+EXIT_OK = 0
+EXIT_ERROR = 2  # argparse's code for bad arguments; also every OsscarError
+EXIT_BUDGET_MISSED = 3  # the job finished and published, but a model is over its budget: scripts must notice
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 MODEL_HELP = (
     f"a built-in real model ({', '.join(BUILTINS)}), a torchvision model name, "
     "a folder holding a Hugging Face model, or a `module:factory` Python path"
@@ -33,15 +40,22 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _job_parser() -> argparse.ArgumentParser:
+    from osscar_export.job import BUDGET_TOLERANCE
     p = argparse.ArgumentParser(
         prog="osscar-export",
         description="Prune MODEL one-shot with OSSCAR to a latency budget and export it (ONNX, .pt2). "
         "Run `osscar-export inspect MODEL` to list its prunable structures.",
+        epilog=f"exit codes: {EXIT_OK} every model meets its budget; {EXIT_ERROR} an error (nothing written); "
+        f"{EXIT_BUDGET_MISSED} the job finished and wrote --out, but a model measured over its budget even after "
+        "rebuilds (report.json: \"meets_budget\": false, \"budget_missed\" says by how much); "
+        f"{EXIT_INTERRUPTED} interrupted (Ctrl-C). A model meets its budget when it measures at most "
+        f"{100 * BUDGET_TOLERANCE:g}% over it; one timed over it is timed again and the lower timing counts.",
     )
     _model_args(p)
     budget = p.add_argument_group("budget (one or more values make a family of models)")
-    budget.add_argument("--latency-ms", nargs="+", default=[], metavar="MS", help="latency budgets in milliseconds")
-    budget.add_argument("--speedup", nargs="+", default=[], metavar="S", help="speedups over the dense model's measured latency")
+    budget.add_argument("--latency-ms", nargs="+", default=[], metavar="MS", help="latency budgets in milliseconds (finite, above 0)")
+    budget.add_argument("--speedup", nargs="+", default=[], metavar="S",
+                        help="speedups over the dense model's measured latency (finite, above 1: 1 is the dense model itself)")
     p.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "torch"], help="runtime to measure and meet the budget on")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default 1)")
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "thread"],
@@ -63,9 +77,17 @@ def _job_parser() -> argparse.ArgumentParser:
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
                    f"calibration samples ({TASKS['causal-lm'].n_score} windows or {TASKS['encoder'].n_score} sentences "
                    f"beyond --n-calib, or {TASKS['image-classification'].n_score} crops of photos held out whole)")
-    p.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out); never overwritten without --force")
-    p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    p.add_argument("--tables", type=Path, default=Path("latency_tables"), help="folder of latency tables (default ./latency_tables)")
+    p.add_argument("--out", type=Path, default=Path("out"),
+                   help="output folder (default ./out), created only when the whole job succeeds; a folder that holds files "
+                   "(even one another job wrote while this one ran) is never replaced without --force. It cannot be the "
+                   "current folder or one above it")
+    p.add_argument("--force", action="store_true",
+                   help="replace an output folder that an earlier osscar-export job wrote (one holding report.json), "
+                   "deleting everything in it, including files added since; a folder without report.json is never replaced")
+    p.add_argument("--tables", type=Path, default=None,
+                   help="folder of latency tables, read first and saved to (the user cache instead when it is read-only); "
+                   "default: the user cache, $OSSCAR_CACHE/latency_tables. The tables shipped with osscar-export are read "
+                   "too, from any working directory")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -100,13 +122,14 @@ def inspect(argv: list[str], console: Console) -> None:
     console.print(blocked)
 
 
-def run(argv: list[str], console: Console) -> None:
+def run(argv: list[str], console: Console) -> int:
+    """Run the job; EXIT_BUDGET_MISSED when a model it wrote is over its budget."""
     args = _job_parser().parse_args(argv)
     from osscar_export.job import JobConfig
     from osscar_export.pipeline import parse_budgets, run_job
 
     cfg = JobConfig(
-        model=args.model, latency_ms=parse_budgets(args.latency_ms), speedup=parse_budgets(args.speedup),
+        model=args.model, latency_ms=parse_budgets(args.latency_ms, "--latency-ms"), speedup=parse_budgets(args.speedup, "--speedup"),
         target=args.target, threads=args.threads, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
         batch=args.batch, image_size=args.image_size, levels=args.levels, method=args.method, mode=args.mode, n_eval=args.n_eval,
         out=args.out, force=args.force, tables=args.tables, seed=args.seed, clock=args.clock,
@@ -116,13 +139,20 @@ def run(argv: list[str], console: Console) -> None:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")
     outcomes = run_job(cfg, log=lambda msg: console.log(msg))
     summary = Table(title=f"{args.model} → {args.out}")
-    for col in ("model", "budget ms", "predicted ms", "measured ms", "quality"):
+    for col in ("model", "budget ms", "predicted ms", "measured ms", "budget", "quality"):
         summary.add_column(col)
     for o in outcomes:
         summary.add_row(o.label, f"{o.budget_ms:.2f}", f"{o.allocation.predicted_ms:.2f}",
                         f"{o.measured_ms:.2f}" + (" (noisy)" if o.noisy else ""),
+                        "met" if o.meets_budget else "[bold red]MISSED[/]",
                         ", ".join(f"{k} {v:.4g}" for k, v in o.quality.items()))
     console.print(summary)
+    missed = [o for o in outcomes if not o.meets_budget]
+    for o in missed:
+        console.print(f"[bold red]budget missed:[/] {o.label} measured {o.measured_ms:.3f} ms, "
+                      f"{100 * (o.measured_ms / o.budget_ms - 1):.1f}% over its budget of {o.budget_ms:.3f} ms; "
+                      f"it was written to {args.out} anyway (exit code {EXIT_BUDGET_MISSED})")
+    return EXIT_BUDGET_MISSED if missed else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "inspect":
             inspect(argv[1:], console)
         else:
-            run(argv, console)
+            return run(argv, console)
     except OsscarError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        return 2
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # paths may hold [..]
+        return EXIT_ERROR
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: cached Gram matrices, error curves and latency tables are kept; run the same command again to resume")
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ that writes them, so neither of those has to import the other (docs/design.md, "
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from osscar_export.allocate import Allocation
+from osscar_export.errors import OsscarError
 from osscar_export.latency.table import LatencyTable
 from osscar_export.latency.timing import MeasureSettings
 from osscar_export.models import LoadedModel
@@ -21,10 +23,33 @@ from osscar_export.search import Candidate, Scorer
 from osscar_export.targets import Target
 from osscar_export.tasks import Task
 
+# A model measured at most this fraction over its budget meets it. One rule (``meets_budget``)
+# for the pipeline's rebuild loop, the report's "meets_budget" and the command's exit code: the
+# latency table's prediction and a single timing are both this uncertain.
+BUDGET_TOLERANCE = 0.02
+
+
+def meets_budget(measured_ms: float, budget_ms: float) -> bool:
+    """Whether a measured latency meets its budget, within ``BUDGET_TOLERANCE``."""
+    return measured_ms <= budget_ms * (1 + BUDGET_TOLERANCE)
+
+
+def check_budget(value: float, flag: str) -> float:
+    """``value`` if it is a usable budget for ``flag``: a finite number of milliseconds above 0,
+    or a finite speedup above 1. A speedup of 1 or less asks for the dense model, which needs
+    no pruning, so it is refused rather than quietly pruned (or quietly copied)."""
+    low = 1.0 if flag == "--speedup" else 0.0
+    if not (math.isfinite(value) and value > low):
+        what = "a speedup must be a finite number above 1 (the dense model is the speedup 1)" if low else \
+            "a latency budget must be a finite number of milliseconds above 0"
+        raise OsscarError(f"{flag} {value:g}: {what}")
+    return value
+
 
 @dataclass(frozen=True)
 class JobConfig:
-    """Everything one run of ``osscar-export MODEL`` depends on."""
+    """Everything one run of ``osscar-export MODEL`` depends on; budgets are checked on
+    construction, so the Python API refuses what the command line refuses."""
 
     model: str
     latency_ms: tuple[float, ...] = ()
@@ -42,10 +67,21 @@ class JobConfig:
     n_eval: int = 16
     out: Path = Path("out")
     force: bool = False
-    tables: Path = Path("latency_tables")
+    tables: Path | None = None  # read first and saved to; None: the user cache (latency.table.lookup_dirs)
     seed: int = 0
     clock: str = "auto"  # "wall", "thread", or "auto" (see pipeline.measure_settings)
     search: bool = True  # score candidate allocations end to end (search.py); False: the plain knapsack
+
+    def __post_init__(self) -> None:
+        for ms in self.latency_ms:
+            check_budget(ms, "--latency-ms")
+        for s in self.speedup:
+            check_budget(s, "--speedup")
+
+
+def samples(batches: list[tuple]) -> int:
+    """Samples in ``batches`` (their first inputs' leading dims): what the report counts."""
+    return sum(int(b[0].shape[0]) for b in batches)
 
 
 @dataclass
@@ -55,8 +91,8 @@ class Prepared:
     loaded: LoadedModel
     task: Task
     plan: StructurePlan
-    calibration: list[tuple]  # n_calib samples, in batches
-    n_calib: int
+    calibration: list[tuple]  # about n_calib samples, in batches (a tensor file gives all it holds)
+    n_calib: int  # the samples asked for
     held_out: list[tuple]  # further samples from the same source, never in the Grams: the search scores on them
     grams: Grams  # dense, of the calibration data
     curves: dict[str, Any]
@@ -65,6 +101,23 @@ class Prepared:
     target: Target  # compiled for the model's example inputs
     settings: MeasureSettings  # how the table was and every model is timed
     scorer: Scorer | None = None  # built on first use: it memoises solves across budgets
+
+
+@dataclass
+class Attempt:
+    """One model built for a budget. A budget may take several (each rebuilt for a tighter
+    allocation) and the job keeps the fastest, so each has its own artifacts until then."""
+
+    number: int  # 1 for the first model built for the budget
+    allocation: Allocation
+    candidates: list[Candidate]
+    result: PruneResult
+    mode: str
+    mode_losses: dict[str, float]
+    folder: Path  # its model.onnx and model.pt2
+    artifacts: dict[str, Any]  # the export reports (parity)
+    measured_ms: float  # the lower of its timings: interference only ever slows a run down
+    noisy: bool  # that timing never measured clean
 
 
 @dataclass
@@ -82,4 +135,8 @@ class Outcome:
     noisy: bool
     quality: dict[str, float]
     artifacts: dict[str, Any] = field(default_factory=dict)
-    attempts: list[dict[str, float]] = field(default_factory=list)  # predicted / measured ms of each model built
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # each model built: predicted / measured ms, kept or not
+
+    @property
+    def meets_budget(self) -> bool:
+        return meets_budget(self.measured_ms, self.budget_ms)

@@ -252,11 +252,20 @@ def _infer_example_inputs(
 
 def _load_factory(spec: str, seq_len: int, batch: int, image_size: int | None) -> LoadedModel:
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        empty = "module name before" if not module_name else "factory name after"
+        raise ModelSpecError(
+            f"{spec!r}: the {empty} ':' is empty; write 'module:factory' (e.g. 'mypackage.models:build')"
+        )
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ModelSpecError(
-            f"{spec!r}: cannot import {attr!r} from {module_name!r}: {err}"
+            f"{spec!r}: cannot import {attr!r} from {module_name!r} ({type(err).__name__}: {err})"
+        ) from err
+    except Exception as err:  # the module's own code (or a SyntaxError in it) failed on import
+        raise ModelSpecError(
+            f"{spec!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
         ) from err
     if not callable(factory):
         raise ModelSpecError(f"{spec!r}: {attr!r} is not callable")

@@ -11,46 +11,101 @@ atomically and the output folder appears only when the whole job has succeeded. 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 import platform
+import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from osscar_export import __version__, cache
 from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
-from osscar_export.atomic import atomic_dir
+from osscar_export.atomic import DestinationExists, atomic_dir, sweep_staging
 from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import InfeasibleBudgetError, OsscarError
 from osscar_export.export import export_onnx, save_program
-from osscar_export.job import JobConfig, Outcome, Prepared
+from osscar_export.job import BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, check_budget, meets_budget, samples
 from osscar_export.latency.build import measure_latency
-from osscar_export.latency.table import LatencyTable
-from osscar_export.latency.timing import CLOCKS, MeasureSettings, measure
+from osscar_export.latency.table import LatencyTable, lookup_dirs
+from osscar_export.latency.timing import CLOCKS, MeasureSettings, Timing, measure
 from osscar_export.models import load_model
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
 from osscar_export.report import write_report
 from osscar_export.search import Candidate, Scorer, search_allocation
-from osscar_export.targets import Target, get_target
+from osscar_export.targets import Runnable, Target, get_target
 from osscar_export.tasks import TASKS
 
 Log = Callable[[str], None]
 
-# A model measured more than this over its budget is rebuilt for a tighter one, at most
-# BUDGET_RETRIES times (a retry costs a prune and an export).
-BUDGET_TOLERANCE = 0.02
+# A model that misses its budget (``job.meets_budget``: more than BUDGET_TOLERANCE over, on two
+# timings) is rebuilt for a tighter one, at most BUDGET_RETRIES times (a retry costs a prune and
+# an export).
 BUDGET_RETRIES = 2
 
 
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty output folder (or a file in its place) unless forced."""
-    if out.exists() and not out.is_dir():
-        raise OsscarError(f"--out {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise OsscarError(f"--out {out} already holds files; pass --force to replace them or choose another folder")
+def _refusal(out: Path, force: bool) -> str | None:
+    """Why the job's results may not become ``out``, or None. ``--force`` replaces only a folder
+    this tool wrote (it holds report.json): forcing onto a folder of other files (say ``--out ~``)
+    would delete them."""
+    if os.path.lexists(out) and not out.is_dir():
+        return "exists and is not a folder"
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not force:
+        return "already holds files; pass --force to replace them or choose another folder"
+    if not (out / "report.json").is_file():
+        return ("holds files that osscar-export did not write (it has no report.json); --force only replaces "
+                "an earlier result: empty the folder yourself or choose another one")
+    return None
+
+
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse at the start a ``folder`` that cannot be created or written, rather than finding out
+    when the job writes there at its end and loses everything it computed."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OsscarError(f"{what} {folder} cannot be created: {existing} is a file, not a folder; {fix}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OsscarError(f"{what} {folder} is not writable: this user cannot create files in {existing}; {fix}")
+
+
+def check_output_dir(out: Path, force: bool) -> Path:
+    """``out`` made absolute (``--out .`` or ``x/..`` have no name of their own), refused when it is
+    the current folder or above it (the job replaces its output folder as a whole), when it holds
+    files and ``force`` is not given or they are not an earlier result, or when its parent is not
+    writable. Checked again when publishing (``publishing``)."""
+    absolute = Path(os.path.abspath(out))
+    cwd = Path.cwd().resolve()
+    if absolute.resolve() == cwd or absolute.resolve() in cwd.parents:
+        raise OsscarError(f"--out {out} is the current folder or one above it; the job replaces its output folder "
+                          "as a whole, so name a new subfolder, for example --out out")
+    reason = _refusal(absolute, force)
+    if reason:
+        raise OsscarError(f"--out {out} {reason}")
+    check_writable(absolute.parent, "--out: the output's parent folder", "choose another --out")
+    return absolute
+
+
+@contextlib.contextmanager
+def publishing(out: Path, force: bool) -> Iterator[Path]:
+    """A staging folder that becomes ``out`` when the block succeeds. ``out`` is checked again
+    then, under the publish lock: a folder that appeared while the job ran (a second identical
+    job, say) is refused as at the start, never silently replaced."""
+    try:
+        with atomic_dir(out, may_replace=lambda p: _refusal(p, force) is None) as staging:
+            yield staging
+    except DestinationExists:
+        reason = _refusal(out, force) or "changed while publishing"
+        raise OsscarError(f"--out {out} was written by another process while this job ran, so this job's results "
+                          f"were discarded: it {reason}") from None
 
 
 def _budgets(cfg: JobConfig, table: LatencyTable) -> list[tuple[str, float]]:
@@ -106,7 +161,7 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     settings = measure_settings(cfg.clock, target)
     log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
     table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
-                            cache_dir=cfg.tables, log=log)
+                            cache_dir=lookup_dirs(cfg.tables), log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
     return Prepared(loaded, task, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table,
@@ -150,11 +205,11 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
 
 def _tighter_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, alloc: Allocation, measured_ms: float,
                         attempts: int, log: Log) -> tuple[Allocation, list[Candidate]] | None:
-    """When the exported model measured over the budget (beyond ``BUDGET_TOLERANCE``), the
-    allocation for a budget tightened by the miss ratio; None when it is met, the attempts are
-    spent, or nothing faster exists. The table predicts regions that do not add up exactly in
-    context, so the measurement has the last word."""
-    if measured_ms <= budget_ms * (1 + BUDGET_TOLERANCE) or attempts > BUDGET_RETRIES:
+    """When the exported model missed the budget (``meets_budget``), the allocation for a budget
+    tightened by the miss ratio; None when it is met, the attempts are spent, or nothing faster
+    exists. The table predicts regions that do not add up exactly in context, so the
+    measurement has the last word."""
+    if meets_budget(measured_ms, budget_ms) or attempts > BUDGET_RETRIES:
         return None
     goal = alloc.predicted_ms * budget_ms / measured_ms
     log(f"{100 * (measured_ms / budget_ms - 1):.1f}% over the budget: allocating again for a predicted {goal:.2f} ms")
@@ -166,12 +221,47 @@ def _tighter_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, alloc:
     return None if tighter[0].widths == alloc.widths else tighter
 
 
+def _timings(runnable: Runnable, inputs: tuple, settings: MeasureSettings, budget_ms: float, label: str, log: Log) -> list[Timing]:
+    """One timing of a built model, or two when the first misses the budget: a miss rebuilds the
+    model, so one disturbed timing must not decide it (warm caches once measured 1.17 ms against
+    0.63 ms). The lower counts, as within ``measure``: interference only ever slows a run down."""
+    timings = [measure(runnable, inputs, settings)]
+    if not meets_budget(timings[0].ms, budget_ms):
+        log(f"[{label}] measured {timings[0].ms:.2f} ms, over the budget {budget_ms:.2f} ms: timing it again")
+        timings.append(measure(runnable, inputs, settings))
+    best = min(timings, key=lambda t: t.ms)
+    log(f"[{label}] measured {best.ms:.2f} ms{' (noisy)' if best.noisy else ''} vs budget {budget_ms:.2f} ms")
+    return timings
+
+
+def _faster(new: Attempt, best: Attempt | None) -> Attempt:
+    """The faster of a new attempt and the best so far; the other's artifacts are deleted.
+    Models are rebuilt only while they miss the budget, so the fastest is also the one that met
+    it, if any; a rebuild can measure slower (the table errs differently for each allocation)
+    and must not replace a faster model. A tie keeps the earlier, less pruned one."""
+    if best is None:
+        return new
+    keep, drop = (best, new) if best.measured_ms <= new.measured_ms else (new, best)
+    shutil.rmtree(drop.folder)
+    return keep
+
+
+def _publish_attempt(kept: Attempt, folder: Path) -> None:
+    """Move the kept attempt's files up into the model's folder."""
+    for f in kept.folder.iterdir():
+        os.replace(f, folder / f.name)
+    kept.folder.rmdir()
+
+
 def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     """Run the whole job; the output folder appears only if every step succeeded."""
-    check_output_dir(cfg.out, cfg.force)
+    cfg = dataclasses.replace(cfg, out=check_output_dir(cfg.out, cfg.force))
+    check_writable(cache.root(), "the cache folder", "set OSSCAR_CACHE to a writable folder")
+    for stale in sweep_staging(cfg.out):
+        log(f"removed {stale}, the staging folder of an earlier job that was killed")
     t_start = time.perf_counter()
     prep = prepare(cfg, log)
-    cfg = dataclasses.replace(cfg, n_calib=prep.n_calib)  # the report says what was used
+    cfg = dataclasses.replace(cfg, n_calib=prep.n_calib)  # the report says what was asked for (and what was used)
     loaded, plan, curves, table = prep.loaded, prep.plan, prep.curves, prep.table
 
     budgets = _budgets(cfg, table)
@@ -181,34 +271,51 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     dense_module = plan.program.module()
     compiled_target = prep.target
     outcomes: list[Outcome] = []
-    with atomic_dir(cfg.out) as staging:
+    with publishing(cfg.out, cfg.force) as staging:
         for label, budget, alloc, candidates in allocations:
             folder = staging if len(allocations) == 1 else staging / label
             folder.mkdir(parents=True, exist_ok=True)
-            attempts: list[dict[str, float]] = []
+            attempts: list[dict[str, Any]] = []
+            kept: Attempt | None = None
             while True:
                 log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
                 result, mode, mode_losses = final_prune(prep, cfg, alloc.widths, log)
                 log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
                 stage = time.perf_counter()
-                onnx_report = export_onnx(result.model, loaded.example_inputs, folder / "model.onnx")
-                pt2_report = save_program(result.model, loaded.example_inputs, folder / "model.pt2")
+                number = len(attempts) + 1
+                where = folder / f".attempt{number}"
+                where.mkdir()
+                onnx_report = export_onnx(result.model, loaded.example_inputs, where / "model.onnx")
+                pt2_report = save_program(result.model, loaded.example_inputs, where / "model.pt2")
                 log(f"[{label}] exported ONNX and .pt2 in {time.perf_counter() - stage:.0f} s; measuring")
-                timing = measure(compiled_target.compile(folder / "model.onnx", loaded.example_inputs), loaded.example_inputs, prep.settings)
-                attempts.append({"predicted_ms": alloc.predicted_ms, "measured_ms": timing.ms})
-                log(f"[{label}] measured {timing.ms:.2f} ms{' (noisy)' if timing.noisy else ''} vs budget {budget:.2f} ms")
-                retry = _tighter_allocation(prep, cfg, budget, alloc, timing.ms, len(attempts), log)
+                timed = where / "model.onnx" if compiled_target.runs_onnx else result.model
+                timings = _timings(compiled_target.compile(timed, loaded.example_inputs), loaded.example_inputs,
+                                   prep.settings, budget, label, log)
+                fastest = min(timings, key=lambda t: t.ms)
+                built = Attempt(number, alloc, candidates, result, mode, mode_losses, where, {"onnx": onnx_report, "pt2": pt2_report},
+                                fastest.ms, fastest.noisy)
+                attempts.append({"predicted_ms": alloc.predicted_ms, "measured_ms": fastest.ms, "timings_ms": [t.ms for t in timings],
+                                 "meets_budget": meets_budget(fastest.ms, budget)})
+                kept = _faster(built, kept)
+                retry = _tighter_allocation(prep, cfg, budget, alloc, fastest.ms, len(attempts), log)
                 if retry is None:
                     break
                 alloc, candidates = retry
+            _publish_attempt(kept, folder)
+            for number, a in enumerate(attempts, 1):
+                a["kept"] = number == kept.number
+            if not meets_budget(kept.measured_ms, budget):
+                log(f"[{label}] BUDGET MISSED: the fastest of {len(attempts)} model(s) measured {kept.measured_ms:.2f} ms, "
+                    f"{100 * (kept.measured_ms / budget - 1):.1f}% over {budget:.2f} ms (tolerance {100 * BUDGET_TOLERANCE:g}%); "
+                    "keeping it")
             stage = time.perf_counter()
-            quality = prep.task.quality(loaded, result.model, dense_module, cfg.n_eval)
+            quality = prep.task.quality(loaded, kept.result.model, dense_module, cfg.n_eval)
             log(f"[{label}] {quality} ({time.perf_counter() - stage:.0f} s)")
-            outcomes.append(Outcome(label, budget, alloc, candidates, result, mode, mode_losses, timing.ms, timing.noisy, quality,
-                                    {"onnx": onnx_report, "pt2": pt2_report}, attempts))
+            outcomes.append(Outcome(label, budget, kept.allocation, kept.candidates, kept.result, kept.mode, kept.mode_losses,
+                                    kept.measured_ms, kept.noisy, quality, kept.artifacts, attempts))
         write_report(staging, cfg=cfg, task=prep.task, plan=plan, table=table, target=compiled_target,
-                     explored=explored, outcomes=outcomes,
-                     environment=_environment(), seconds=time.perf_counter() - t_start)
+                     explored=explored, outcomes=outcomes, calibration_samples=samples(prep.calibration),
+                     held_out_samples=samples(prep.held_out), environment=_environment(), seconds=time.perf_counter() - t_start)
     log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s")
     return outcomes
 
@@ -229,15 +336,14 @@ def _environment() -> dict[str, str]:
     }
 
 
-def parse_budgets(values: Sequence[str] | None) -> tuple[float, ...]:
-    """Positive floats from the command line, with a specific error for anything else."""
+def parse_budgets(values: Sequence[str] | None, flag: str) -> tuple[float, ...]:
+    """The budgets given to ``flag`` (``--latency-ms`` or ``--speedup``) as floats, each a usable
+    budget (``job.check_budget``: finite, above 0 or above 1), with a specific error otherwise."""
     out = []
     for v in values or ():
         try:
             x = float(v)
         except ValueError:
-            raise OsscarError(f"budget {v!r} is not a number") from None
-        if not x > 0:
-            raise OsscarError(f"budget {v!r} must be positive")
-        out.append(x)
+            raise OsscarError(f"{flag} {v!r} is not a number") from None
+        out.append(check_budget(x, flag))
     return tuple(out)

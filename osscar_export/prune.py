@@ -9,6 +9,7 @@ given, then Calibrate (dense mode, when no Grams are given) → Solve → Materi
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +66,9 @@ def resolve_widths(
             raise PlanError(f"widths names unknown groups {unknown[:5]}; see plan.groups[i].name")
         counts = {g.name: g.count for g in plan.groups}
         for name, k in widths.items():
-            if not 1 <= int(k) <= names[name].count:
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # 2.7 must not become 2
+                raise PlanError(f"widths[{name!r}] = {k!r} is a {type(k).__name__}; give an integer count of structures to keep")
+            if not 1 <= k <= names[name].count:
                 raise PlanError(f"widths[{name!r}] = {k}, must be in 1..{names[name].count}")
             counts[name] = int(k)
         return counts
@@ -80,7 +83,10 @@ def resolve_widths(
         per_group = {g.name: fraction for g in plan.groups}
     counts = {}
     for g in plan.groups:
-        f = float(per_group[g.name])
+        f = per_group[g.name]
+        if isinstance(f, bool) or not isinstance(f, numbers.Real):  # '0.5' or True must not pass as numbers
+            raise PlanError(f"keep fraction {f!r} for group {g.name!r} is a {type(f).__name__}; give a number in (0, 1]")
+        f = float(f)
         if not 0.0 < f <= 1.0:
             raise PlanError(f"keep fraction {f} for group {g.name!r} must be in (0, 1]")
         counts[g.name] = max(1, round(f * g.count))
@@ -171,7 +177,8 @@ def group_curve(
     if cache_dir is None:
         return compute()
     settings = {"group": problem.group, "widths": widths, "method": method, "damp": damp, "d": problem.d}
-    return cache.error_curve(cache_dir, group.name, settings, (problem.H, problem.W), compute)
+    shapes = {"widths": (len(widths),), "losses": (len(widths),), "masks": (len(widths), group.count)}
+    return cache.error_curve(cache_dir, group.name, settings, (problem.H, problem.W), compute, shapes)
 
 
 def error_curves(

@@ -1,9 +1,15 @@
 """The job's evidence: report.json (machine-readable), report.md (for people), tradeoff.png
-(docs/design.md, "Pipeline")."""
+(docs/design.md, "Pipeline").
+
+report.json is strict JSON (no NaN or Infinity, which most parsers refuse) and follows
+``REPORT_SCHEMA`` (one model) or ``SUMMARY_SCHEMA`` (a family's summary), JSON Schemas that the
+tests check real reports against, so a consumer can rely on every field listed there.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,15 +21,123 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from osscar_export.allocate import Allocation  # noqa: E402
 from osscar_export.atomic import atomic_path, write_text  # noqa: E402
-from osscar_export.job import JobConfig, Outcome  # noqa: E402
+from osscar_export.job import BUDGET_TOLERANCE, JobConfig, Outcome  # noqa: E402
 from osscar_export.latency.table import LatencyTable  # noqa: E402
 from osscar_export.plan import StructurePlan  # noqa: E402
 from osscar_export.targets import Target  # noqa: E402
 from osscar_export.tasks import Task  # noqa: E402
 
 
-def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: JobConfig,
-                 target: Target, environment: Mapping[str, str]) -> dict[str, Any]:
+_MS = {"type": "number", "exclusiveMinimum": 0}
+_MS_OR_NULL = {"anyOf": [_MS, {"type": "null"}]}
+_NUMBER_OR_NULL = {"type": ["number", "null"]}  # null: a value that was not finite
+_COUNT = {"type": "integer", "minimum": 0}
+
+
+def _object(properties: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """A JSON Schema object requiring exactly ``properties``."""
+    return {"type": "object", "properties": dict(properties), "required": list(properties), "additionalProperties": False, **extra}
+
+
+REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "osscar-export report.json (one model)",
+    **_object({
+        "model": {"type": "string"},
+        "budget_ms": _MS,
+        "dense_ms": _MS,
+        "predicted_ms": _MS,
+        "measured_ms": _MS,
+        "measurement_noisy": {"type": "boolean"},
+        "meets_budget": {"type": "boolean"},
+        "budget_tolerance": {"type": "number", "minimum": 0},
+        "budget_missed": {"type": ["string", "null"]},  # why, when meets_budget is false
+        "prediction_error": {"type": "number"},
+        "quality": {"type": "object", "additionalProperties": _NUMBER_OR_NULL},
+        "method": {"type": "string"},
+        "mode": {"enum": ["sequential", "dense"]},
+        "mode_losses": {"type": "object", "additionalProperties": _NUMBER_OR_NULL},
+        "calibration": _object({
+            "source": {"type": "string"},
+            "requested": {"type": "integer", "minimum": 1},
+            "samples": {"type": "integer", "minimum": 1},
+            "held_out_samples": _COUNT,
+            "seed": {"type": "integer"},
+        }),
+        "target": {"type": "object", "required": ["name", "threads"]},
+        "measurement": {"type": "object", "required": ["clock"]},
+        "groups": {"type": "array", "minItems": 1, "items": _object({
+            "name": {"type": "string"},
+            "kind": {"type": "string"},
+            "count": {"type": "integer", "minimum": 1},
+            "kept": _COUNT,
+            "allocated": _COUNT,
+            "predicted_ms": _MS_OR_NULL,
+            "layer_loss": {"type": "object", "additionalProperties": _NUMBER_OR_NULL},
+        })},
+        "blocked": {"type": "array", "items": {"type": "array", "items": {"type": "string"}}},
+        "parity": {"type": "object", "additionalProperties": _object({"max_abs_diff": {"type": "number", "minimum": 0},
+                                                                      "runtime": {"type": "string"}})},
+        "allocation_search": {"type": "array", "items": _object({
+            "candidate": {"type": "string"},
+            "predicted_ms": _MS,
+            "normalised_loss": {"type": "number"},
+            "held_out_loss": _NUMBER_OR_NULL,
+            "chosen": {"type": "boolean"},
+        })},
+        "attempts": {"type": "array", "minItems": 1, "items": _object({
+            "predicted_ms": _MS,
+            "measured_ms": _MS,
+            "timings_ms": {"type": "array", "minItems": 1, "maxItems": 2, "items": _MS},
+            "meets_budget": {"type": "boolean"},
+            "kept": {"type": "boolean"},
+        })},
+        "prune_seconds": {"type": "number", "minimum": 0},
+        "versions": {"type": "object", "additionalProperties": {"type": "string"}},
+        "job_seconds": {"type": "number", "minimum": 0},
+    }),
+}
+
+SUMMARY_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "osscar-export report.json (a family's summary; each model's own report is in its subfolder)",
+    **_object({
+        "model": {"type": "string"},
+        "job_seconds": {"type": "number", "minimum": 0},
+        "budgets_met": {"type": "boolean"},
+        "models": {"type": "object", "minProperties": 2, "additionalProperties": _object(
+            {k: REPORT_SCHEMA["properties"][k] for k in
+             ("budget_ms", "dense_ms", "predicted_ms", "measured_ms", "meets_budget", "budget_missed", "quality")})},
+    }),
+}
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (an overflowed perplexity, say) replaced by None, so
+    that report.json stays strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps(report: Mapping[str, Any]) -> str:
+    return json.dumps(_finite(report), indent=2, allow_nan=False)
+
+
+def _missed(o: Outcome) -> str | None:
+    """Why a model does not meet its budget, for the report and the command's message; None if it does."""
+    if o.meets_budget:
+        return None
+    return (f"measured {o.measured_ms:.3f} ms, {100 * (o.measured_ms / o.budget_ms - 1):.1f}% over the budget "
+            f"{o.budget_ms:.3f} ms (tolerance {100 * BUDGET_TOLERANCE:g}%); the fastest of {len(o.attempts)} model(s) built is kept")
+
+
+def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: JobConfig, target: Target,
+                 calibration_samples: int, held_out_samples: int, environment: Mapping[str, str]) -> dict[str, Any]:
     """One model's report: the budget, the three latencies, per-group decisions and quality."""
     groups = []
     for g in plan.groups:
@@ -45,13 +159,18 @@ def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: J
         "predicted_ms": o.allocation.predicted_ms,
         "measured_ms": o.measured_ms,
         "measurement_noisy": o.noisy,
-        "meets_budget": o.measured_ms <= o.budget_ms,
+        "meets_budget": o.meets_budget,
+        "budget_tolerance": BUDGET_TOLERANCE,
+        "budget_missed": _missed(o),
         "prediction_error": (o.allocation.predicted_ms - o.measured_ms) / o.measured_ms,
         "quality": o.quality,
         "method": cfg.method,
         "mode": o.mode,
         "mode_losses": o.mode_losses,
-        "calibration": {"source": cfg.calib or "default", "samples": cfg.n_calib, "seed": cfg.seed},
+        # what was asked for, and what the Grams and the held-out scoring really used (whole
+        # batches; a tensor file gives every batch it holds)
+        "calibration": {"source": cfg.calib or "default", "requested": cfg.n_calib, "samples": calibration_samples,
+                        "held_out_samples": held_out_samples, "seed": cfg.seed},
         "target": target.settings(),
         "measurement": table.measurement,
         "groups": groups,
@@ -79,8 +198,9 @@ def _markdown(r: Mapping[str, Any], label: str, loss_name: str) -> str:
         f"| predicted | {r['predicted_ms']:.3f} |",
         f"| measured | {r['measured_ms']:.3f}{' (noisy)' if r['measurement_noisy'] else ''} |",
         "",
-        f"Budget {'met' if r['meets_budget'] else 'missed'} ({100 * (r['measured_ms'] / r['budget_ms'] - 1):+.1f}%); "
-        f"prediction error {100 * r['prediction_error']:+.1f}%; {len(r['attempts'])} model(s) built.",
+        (f"Budget met ({100 * (r['measured_ms'] / r['budget_ms'] - 1):+.1f}%, tolerance {100 * r['budget_tolerance']:g}%); "
+         if r["meets_budget"] else f"**BUDGET MISSED**: {r['budget_missed']}. ")
+        + f"Prediction error {100 * r['prediction_error']:+.1f}%; {len(r['attempts'])} model(s) built.",
         f"Method {r['method']} ({r['mode']}), target {r['target']['name']} with {r['target']['threads']} thread(s), "
         f"{r['measurement']['clock']} clock.",
         "",
@@ -118,20 +238,22 @@ def plot_tradeoff(path: Path, explored: Sequence[Allocation], chosen: Sequence[t
 
 
 def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePlan, table: LatencyTable,
-                 target: Target, explored: Sequence[Allocation],
-                 outcomes: Sequence[Outcome], environment: Mapping[str, str], seconds: float) -> None:
+                 target: Target, explored: Sequence[Allocation], outcomes: Sequence[Outcome],
+                 calibration_samples: int, held_out_samples: int, environment: Mapping[str, str], seconds: float) -> None:
     """Write report.json / report.md per model and tradeoff.png (plus a family summary) into ``folder``."""
     reports = []
     for o in outcomes:
         sub = folder if len(outcomes) == 1 else folder / o.label
-        r = outcome_json(o, table=table, plan=plan, cfg=cfg, target=target, environment=environment)
+        r = outcome_json(o, table=table, plan=plan, cfg=cfg, target=target, calibration_samples=calibration_samples,
+                         held_out_samples=held_out_samples, environment=environment)
         r["job_seconds"] = seconds
-        write_text(sub / "report.json", json.dumps(r, indent=2))
+        write_text(sub / "report.json", _dumps(r))
         write_text(sub / "report.md", _markdown(r, o.label, task.loss_name))
         reports.append((o.label, r))
     plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
     if len(outcomes) > 1:
-        summary = {"model": cfg.model, "job_seconds": seconds, "models": {label: {k: r[k] for k in
-                   ("budget_ms", "dense_ms", "predicted_ms", "measured_ms", "meets_budget", "quality")} for label, r in reports}}
-        write_text(folder / "report.json", json.dumps(summary, indent=2))
+        summary = {"model": cfg.model, "job_seconds": seconds, "budgets_met": all(o.meets_budget for o in outcomes),
+                   "models": {label: {k: r[k] for k in SUMMARY_SCHEMA["properties"]["models"]["additionalProperties"]["properties"]}
+                              for label, r in reports}}
+        write_text(folder / "report.json", _dumps(summary))
         write_text(folder / "report.md", "\n".join(_markdown(r, label, task.loss_name) for label, r in reports))

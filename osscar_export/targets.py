@@ -107,6 +107,9 @@ class Target:
     """A runtime with every setting that affects latency. Subclasses implement ``compile``."""
 
     name: ClassVar[str] = "target"
+    # The job times the artifact a target runs: the exported model.onnx (onnxruntime, TensorRT),
+    # or the pruned torch module (torch), which has no ONNX file to run.
+    runs_onnx: ClassVar[bool] = True
     threads: int = 1
     dtype: str = "float32"
     input_shapes: tuple[tuple[int, ...], ...] = ()  # the model's inputs (batch, sequence / image size)
@@ -394,6 +397,7 @@ class TorchRunnable:
 @dataclass(frozen=True)
 class TorchTarget(Target):
     name: ClassVar[str] = "torch"
+    runs_onnx: ClassVar[bool] = False
     device: str = "cpu"
 
     def settings(self) -> dict[str, Any]:

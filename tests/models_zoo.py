@@ -141,3 +141,22 @@ ZOO: dict[str, Callable[[], Built]] = {
     "llama_gqa": llama_gqa,
     "bert": bert,
 }
+
+
+class TinyMLP(nn.Module):
+    """Two MLP blocks: two neuron groups whose width changes the latency (the job tests' model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 64)
+        self.fc3 = nn.Linear(64, 256)
+        self.fc4 = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc4(torch.relu(self.fc3(self.fc2(torch.relu(self.fc1(x))))))
+
+
+def tiny_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    torch.manual_seed(0)
+    return TinyMLP().eval(), (torch.randn(32, 64),)

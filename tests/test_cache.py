@@ -1,9 +1,13 @@
-"""The on-disk caches: the same inputs hit, a bumped code version or changed weights miss."""
+"""The on-disk caches: the same inputs hit, a bumped code version or changed weights miss, a
+corrupt file is replaced."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -94,3 +98,96 @@ def test_run_folders_live_under_the_cache_root(tmp_path: Path, monkeypatch: pyte
     run = cache.run_dir("model", 128, None, 0)
     assert run.is_dir() and run.parent == tmp_path / "runs"
     assert cache.run_dir("model", 128, None, 0) == run != cache.run_dir("model", 64, None, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# a corrupt cache file is reported by name, replaced, and never changes the result
+
+
+def zero_grams(path: Path) -> None:
+    """All-zero Grams that keep the file's (now stale) digest."""
+    saved = torch.load(path, weights_only=True)
+    saved["xtx"] = {k: torch.zeros_like(v) for k, v in saved["xtx"].items()}
+    torch.save(saved, path)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garble(path: Path) -> None:
+    path.write_bytes(b"\x00garbage, not a cache file\xff" * 50)
+
+
+def other_model_grams(path: Path) -> None:
+    """Grams of a wider MLP, with a valid digest: only the shape check can refuse them."""
+    wide = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 4)).eval()
+    elsewhere = path.parent / "elsewhere"
+    cache.grams(find_structures(wide, batches()[0]), batches(), elsewhere, quiet)
+    path.write_bytes(next(elsewhere.glob("grams-*.pt")).read_bytes())
+
+
+def assert_replaced(path: Path, corrupt: bytes, load) -> None:
+    """``load()`` warns naming ``path`` and leaves a clean file there that loads silently."""
+    with pytest.warns(UserWarning, match=f"cache file {re.escape(str(path))} is unusable"):
+        load()
+    assert path.exists() and path.read_bytes() != corrupt
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load()
+
+
+@pytest.mark.parametrize("corrupt", [zero_grams, truncate, garble, other_model_grams])
+def test_a_corrupt_gram_file_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corrupt):
+    plan, data = find_structures(mlp(), batches()[0]), batches()
+    clean = cache.grams(plan, data, tmp_path / "clean", quiet)
+    cache.grams(plan, data, tmp_path, quiet)
+    path = next(tmp_path.glob("grams-*.pt"))
+    corrupt(path)
+    calls = counting(monkeypatch, cache, "calibrate")
+    results = []
+    assert_replaced(path, path.read_bytes(), lambda: results.append(cache.grams(plan, data, tmp_path, quiet)))
+    assert len(calls) == 1  # recomputed once, then re-used
+    for got in results:
+        assert got.xtx.keys() == clean.xtx.keys() and all(torch.equal(got.xtx[k], clean.xtx[k]) for k in clean.xtx)
+        assert got.rows == clean.rows and got.blocked == clean.blocked
+
+
+def zero_losses(path: Path) -> None:
+    """All-zero losses that keep the file's (now stale) digest."""
+    with np.load(path) as z:
+        arrays = {name: z[name] for name in z.files}
+    arrays["losses"] = np.zeros_like(arrays["losses"])
+    np.savez(path, **arrays)
+
+
+def wider_masks(path: Path) -> None:
+    """Masks one structure too wide, stored with a valid digest by the cache itself."""
+    with np.load(path) as z:
+        widths, losses, masks = z["widths"], z["losses"], z["masks"]
+    wide = np.concatenate([masks, masks[:, :1]], axis=1)
+    folder, name = path.parent, path.name
+    path.unlink()
+    shapes = {"widths": widths.shape, "losses": losses.shape, "masks": wide.shape}
+    written = cache.error_curve(folder, "x", {}, (), lambda: (widths, losses, wide), shapes)
+    assert written[2].shape == wide.shape
+    next(folder.glob("x-*.npz")).rename(folder / name)
+
+
+@pytest.mark.parametrize("corrupt", [zero_losses, truncate, garble, wider_masks])
+def test_a_corrupt_curve_file_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corrupt):
+    plan, data = find_structures(mlp(), batches()[0]), batches()
+    grams = cache.grams(plan, data, tmp_path, quiet)
+    clean = error_curves(plan, grams, LEVELS, cache_dir=tmp_path / "clean", progress=False)
+    error_curves(plan, grams, LEVELS, cache_dir=tmp_path / "curves", progress=False)
+    path = next((tmp_path / "curves").glob("*.npz"))
+    corrupt(path)
+    calls = counting(monkeypatch, solver, "error_curve")
+    results = []
+    load = lambda: results.append(error_curves(plan, grams, LEVELS, cache_dir=tmp_path / "curves", progress=False))  # noqa: E731
+    assert_replaced(path, path.read_bytes(), load)
+    assert len(calls) == 1  # only the corrupt group, once
+    for got in results:
+        assert got.keys() == clean.keys()
+        for name, (widths, losses) in clean.items():
+            assert np.array_equal(got[name][0], widths) and np.array_equal(got[name][1], losses)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -255,3 +256,70 @@ def test_a_float_attention_mask_is_not_read_as_padding():
     plan = StructurePlan(ep, (ids, mask.float()), [channel_group(ep, "fc1.neuron", "fc1", "fc2", 8)])
     grams = calibrate(plan, [(ids, mask.float())], progress=False)
     assert grams.rows == {"fc2.weight": ids.numel()}
+
+
+class InPlaceNet(nn.Module):
+    """In-place ops as torchvision writes them, at the places that can go wrong.
+
+    The input is scaled in place (a caller's batch must not change), and ``y`` is read by fc3,
+    then written by ``add_`` before fc4 reads it: ``y`` is live where the fc2.neuron stage saves
+    its state (before fc3), so a stage resuming from a state that shares ``y`` with the forward
+    that ran on would see the write twice.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 7)
+        self.fc3, self.fc4, self.fc5 = nn.Linear(7, 5), nn.Linear(7, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        y = self.fc2(torch.relu_(self.fc1(x.mul_(2.0))))
+        a = self.fc3(y)
+        y.add_(1.0)
+        return self.fc5((a + self.fc4(y)).relu_())
+
+
+def test_in_place_graph_calibrates_like_eager_in_both_modes():
+    torch.manual_seed(0)
+    model = InPlaceNet().eval()
+    example = (torch.randn(5, 6),)
+    ep = torch.export.export(copy.deepcopy(model), tuple(x.clone() for x in example), strict=False)
+    plan = StructurePlan(ep, example, [
+        channel_group(ep, "fc1.neuron", "fc1", "fc2", 8),
+        channel_group(ep, "fc2.neuron", "fc2", "fc3", 7, extra=(("fc4", "linear", 1),)),
+        channel_group(ep, "fc3.neuron", "fc3", "fc5", 5),
+    ])
+    batches = [(torch.randn(5, 6),) for _ in range(2)]
+    kept = [b[0].clone() for b in batches]
+
+    def eager_grams(reference: nn.Module) -> dict[str, torch.Tensor]:
+        rows: dict[str, list[torch.Tensor]] = {}
+        hooks = [getattr(reference, n).register_forward_pre_hook(lambda m, a, n=n: rows.setdefault(n, []).append(a[0].clone()))
+                 for n in ("fc2", "fc3", "fc4", "fc5")]
+        with torch.no_grad():
+            for x in kept:
+                reference(x.clone())
+        for h in hooks:
+            h.remove()
+        return {f"{n}.weight": (torch.cat(r).double().T @ torch.cat(r).double()) for n, r in rows.items()}
+
+    dense = calibrate(plan, batches, progress=False).xtx
+    for fqn, gram in eager_grams(model).items():
+        torch.testing.assert_close(dense[fqn], gram, rtol=1e-5, atol=1e-5)
+
+    gm = plan.program.module()
+    cal = SequentialCalibrator(plan, gm, batches)
+    reference = copy.deepcopy(model)
+    staged = {}
+    for group, written in zip(cal.order(plan.groups), ("fc2.weight", "fc3.weight", None)):
+        staged.update(cal.stage(group).xtx)
+        if written:  # what Solve does between stages: re-fitted weights written into gm in place
+            new = torch.randn_like(gm.get_parameter(written))
+            with torch.no_grad():
+                gm.get_parameter(written).copy_(new)
+                reference.get_parameter(written).copy_(new)
+    expected = eager_grams(reference)
+    for fqn in ("fc3.weight", "fc4.weight", "fc5.weight"):
+        torch.testing.assert_close(staged[fqn], expected[fqn], rtol=1e-5, atol=1e-5)
+    for b, k in zip(batches, kept):
+        assert torch.equal(b[0], k)

@@ -291,47 +291,90 @@ def tiny_llama():
     return llama_plan(vocab=256, hidden=128, intermediate=768, seq=64)
 
 
+def matrix_cost_ms(runnable) -> float:
+    """A deterministic stand-in for a timing: 1 ms per call plus 1 ms per million weight-matrix
+    entries of the module the torch target compiled (a matmul's cost per token), so region times
+    and end-to-end times obey the additive model the table assumes, exactly."""
+    entries = sum(p.numel() for p in runnable.module.parameters() if p.dim() >= 2)
+    return 1.0 + entries / 1e6
+
+
 def test_measure_latency_measures_identical_layers_once_and_predicts_end_to_end(tiny_llama, tmp_path, monkeypatch):
+    """The table's logic on recorded-style timings (``matrix_cost_ms``): which regions are timed,
+    the fit, and the prediction of an allocation it was not fitted on. Real timings of the same
+    steps are checked by the slow test below: on a shared machine they miss 25% at random."""
     from osscar_export.latency import build
     from osscar_export.latency.build import measure_latency
+    from osscar_export.latency.timing import Timing
     from osscar_export.passes.materialize import materialize
 
     model, inputs, plan = tiny_llama
-    target = get_target("ort-cpu")
-    # thread CPU time: other jobs on a shared CI machine stretch the long end-to-end run far more
-    # than the short regions (see osscar_export.latency.timing)
-    settings = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2, clock="thread")
+    target = get_target("torch")
+    timed: list[float] = []
+
+    def cost(runnable, example_inputs, settings):
+        timed.append(matrix_cost_ms(runnable))
+        return Timing(timed[-1], (timed[-1],), 0.0, 0.0, 1, False)
+
+    monkeypatch.setattr(build, "measure", cost)
     widths = {g.name: sorted({1, g.count // 2, g.count}) for g in plan.groups}
-    table = measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path)
+    table = measure_latency(plan, target, widths, settings=FAST, cache_dir=tmp_path)
     assert set(table.groups) == {g.name for g in plan.groups}
     layers = {g.name.split("layers.")[1].split(".")[0] for g in plan.groups if "layers." in g.name}
     assert len(layers) == 2
     # the two decoder layers are identical: one measured curve per kind of group, not per layer
     assert len(set(table.groups.values())) == len(plan.groups) // 2
+    regions = sum(len(curve) for curve in table.times.values())
+    assert len(timed) == regions + build.FIT_ROUNDS * len(table.fit_points)
     for g in plan.groups:
         assert table.widths(g.name) == widths[g.name]
     mlp = next(g for g in plan.groups if g.kind == "neuron")
     assert table.ms(mlp.name, 1) < table.ms(mlp.name, mlp.count)
 
-    # the fit passes near every allocation it was fitted to, the fastest one among them
+    # the fit passes through every allocation it was fitted to, the fastest one among them
     assert table.fastest_ms is not None and table.scale > 0
     assert {c.label for c in table.fit_points} >= {"dense", "fastest"}
     for c in table.fit_points:
-        assert abs(table.predict(c.widths) - c.ms) / c.ms < 0.25, (c, table.predict(c.widths))
+        assert table.predict(c.widths) == pytest.approx(c.ms, rel=1e-6)
     # ... and predicts a third allocation it was not fitted on
     half = {g.name: g.count // 2 if g.kind == "neuron" else g.count for g in plan.groups}
     small = materialize(model, plan, {g: first_mask(plan.group(g).count, k) for g, k in half.items()})
-    measured = measure(target.compile(small, inputs), inputs, settings).ms
     predicted = table.predict(half)
     assert table.fastest_ms < predicted < table.dense_ms
-    assert abs(predicted - measured) / measured < 0.25, (predicted, measured, table.dense_ms, table.fastest_ms)
+    assert predicted == pytest.approx(matrix_cost_ms(target.compile(small, inputs)), rel=1e-6)
 
     # a second run re-uses the stored table without measuring anything
     def no_measuring(*args, **kwargs):
         raise AssertionError("the stored table should have been re-used")
 
     monkeypatch.setattr(build, "measure", no_measuring)
-    assert measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path) == table
+    assert measure_latency(plan, target, widths, settings=FAST, cache_dir=tmp_path) == table
+
+
+@pytest.mark.slow
+def test_measured_table_predicts_end_to_end_within_25_percent(tiny_llama, tmp_path):
+    """The same steps timed for real on onnxruntime: the additive model holds on this runtime.
+    Slow, not CI: other load on a shared machine made it miss 25% in 1 of 2 runs."""
+    from osscar_export.latency.build import measure_latency
+    from osscar_export.passes.materialize import materialize
+
+    model, inputs, plan = tiny_llama
+    target = get_target("ort-cpu")
+    # thread CPU time: other jobs stretch the long end-to-end run far more than the short regions
+    # (see osscar_export.latency.timing)
+    settings = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2, clock="thread")
+    widths = {g.name: sorted({1, g.count // 2, g.count}) for g in plan.groups}
+    table = measure_latency(plan, target, widths, settings=settings, cache_dir=tmp_path)
+    mlp = next(g for g in plan.groups if g.kind == "neuron")
+    assert table.ms(mlp.name, 1) < table.ms(mlp.name, mlp.count)
+    for c in table.fit_points:
+        assert abs(table.predict(c.widths) - c.ms) / c.ms < 0.25, (c, table.predict(c.widths))
+    half = {g.name: g.count // 2 if g.kind == "neuron" else g.count for g in plan.groups}
+    small = materialize(model, plan, {g: first_mask(plan.group(g).count, k) for g, k in half.items()})
+    measured = measure(target.compile(small, inputs), inputs, settings).ms
+    predicted = table.predict(half)
+    assert table.fastest_ms < predicted < table.dense_ms
+    assert abs(predicted - measured) / measured < 0.25, (predicted, measured, table.dense_ms, table.fastest_ms)
 
 
 def test_thread_clock_is_refused_for_multithreaded_targets(tiny_llama, tmp_path):

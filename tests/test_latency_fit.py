@@ -247,3 +247,37 @@ def test_measure_latency_fits_the_machine_exactly_and_upgrades_old_tables(tiny_m
     counting_machine.clear()
     assert measure_latency(plan, target, widths, cache_dir=tmp_path) == t
     assert counting_machine == []  # complete now: nothing measured
+
+
+def test_an_interrupted_table_build_resumes_where_it_stopped(tiny_mlp_lm, counting_machine, tmp_path, monkeypatch):
+    from osscar_export.latency import build
+    from osscar_export.latency.build import measure_latency
+
+    monkeypatch.setenv("OSSCAR_CACHE", str(tmp_path / "cache"))
+    plan, target = tiny_mlp_lm, get_target("ort-cpu")
+    widths = {g.name: [8, 64, 128, g.count] if g.kind == "neuron" else [g.count] for g in plan.groups}
+    whole = measure_latency(plan, target, widths, cache_dir=tmp_path / "whole")
+    fit_calls = FIT_ROUNDS * len(whole.fit_points)
+    region_calls = len(counting_machine) - fit_calls
+    stop = region_calls // 2
+    assert stop >= 2
+
+    timed = build.measure
+
+    def interrupted(runnable, inputs, settings=MeasureSettings()):
+        if len(counting_machine) == stop:
+            raise KeyboardInterrupt  # Ctrl-C while the regions are timed
+        return timed(runnable, inputs, settings)
+
+    counting_machine.clear()
+    monkeypatch.setattr(build, "measure", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        measure_latency(plan, target, widths, cache_dir=tmp_path / "t")
+    assert len(counting_machine) == stop and list((tmp_path / "t").glob("*.partial.json"))
+
+    counting_machine.clear()
+    monkeypatch.setattr(build, "measure", timed)
+    resumed = measure_latency(plan, target, widths, cache_dir=tmp_path / "t")
+    assert len(counting_machine) == region_calls - stop + fit_calls  # the first regions are not timed again
+    assert resumed == whole
+    assert [p.name for p in (tmp_path / "t").iterdir()] == [table_path(tmp_path, target.for_inputs(plan.example_inputs), whole.model_signature).name]

@@ -17,7 +17,7 @@ from osscar_export.passes.base import PruneState, run_passes
 from osscar_export.passes.calibrate import Calibrate, calibrate
 from osscar_export.passes.materialize import Materialize, apply_masks
 from osscar_export.passes.solve import Solve, layer_problem
-from osscar_export.plan import StructurePlan
+from osscar_export.plan import Slice, StructurePlan
 from osscar_export.prune import error_curves, prune, resolve_widths
 from osscar_export.solver import METHODS
 from test_calibrate import channel_group, conv_plan, mlp3_plan
@@ -257,3 +257,24 @@ def test_solve_refuses_a_width_for_a_group_it_cannot_serve():
         Solve("mp", "sequential", {"conv3.channel": 2}, progress=False)(state)
     with pytest.raises(PlanError, match="outside 1..6"):
         Solve("mp", "sequential", {"conv1.channel": 7}, progress=False)(state)
+
+
+def test_a_consumer_slice_with_several_offsets_is_one_structure_per_offset_set():
+    """RegNet's grouped convs make structures that own one channel in every conv group: the
+    consumer slice has offsets (0, 4), so a structure owns group_size rows at each offset."""
+    model, plan = mlp3_plan()
+    fc1 = plan.groups[0]
+    consumer = dataclasses.replace(fc1.consumers[0], input=Slice("fc2.weight", 1, 1, (0, 4)))
+    plan.groups[:] = [dataclasses.replace(fc1, name="fc1.pair", count=4, consumers=(consumer,),
+                                          producers=(Slice("fc1.weight", 0, 1, (0, 4)), Slice("fc1.bias", 0, 1, (0, 4))))]
+    batches = [torch.randn(5, 3, 6) for _ in range(3)]
+    result = prune(model, batches, widths={"fc1.pair": 2}, method="exact", mode="dense", plan=plan, progress=False)
+    x = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
+    pairs = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # structure i owns channels i and i + 4
+    ref = solver.prune_layer((x.T @ x)[pairs][:, pairs], model.fc2.weight.T.double()[pairs], group_size=2, width=2, method="exact", damp=0.01)
+    assert torch.equal(result.masks["fc1.pair"], torch.as_tensor(ref.mask))
+    assert result.layer_losses["fc2.weight"] == pytest.approx(float(ref.loss), rel=1e-6, abs=1e-9)
+    assert result.model.get_parameter("fc2.weight").shape == (7, 4)
+    masked = apply_masks(model, plan, result.masks, result.weights)
+    x = torch.randn(5, 3, 6)
+    torch.testing.assert_close(result.model(x), masked(x), rtol=1e-4, atol=1e-5)

@@ -7,30 +7,29 @@ each allocation, measures it end to end on the same target and prints predicted 
 the mean absolute percentage error. The loss curves are synthetic (random convex curves per group)
 because only the spread of width configurations matters here, not their quality.
 
+How the table is built and predicts: docs/design.md, "Latency"; the same check on the real
+models, through the job: ``tools/eval_budget.py`` (docs/results.md, "Latency prediction").
+
     python tools/bench_latency.py --layers 4 --hidden 256 --seq 128 --points 12 --clock thread
+    python tools/bench_latency.py --layers 1 --hidden 32 --ffn 64 --seq 16 --points 2 --repeats 2 --iters 2
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from osscar_export.allocate import tradeoff  # noqa: E402
-from osscar_export.latency.build import measure_latency  # noqa: E402
-from osscar_export.latency.timing import MeasureSettings, measure  # noqa: E402
-from osscar_export.models import CausalLMLogits  # noqa: E402
-from osscar_export.passes.materialize import materialize  # noqa: E402
-from osscar_export.passes.structures import find_structures  # noqa: E402
-from osscar_export.targets import get_target  # noqa: E402
-from osscar_export.widths import first_mask  # noqa: E402
+from osscar_export import find_structures, materialize
+from osscar_export.allocate import tradeoff
+from osscar_export.latency.build import measure_latency
+from osscar_export.latency.timing import MeasureSettings, measure
+from osscar_export.models import CausalLMLogits
+from osscar_export.targets import get_target
+from osscar_export.widths import first_mask
 
 
 def small_llama(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int) -> torch.nn.Module:

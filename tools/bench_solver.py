@@ -13,8 +13,11 @@ as wall seconds and process CPU seconds: on a shared machine compare ratios from
 absolute seconds (CPU seconds suffer less from other processes). "reference" and "greedy" take
 many minutes above p = 4096 and are skipped there unless ``--slow-max-p`` is raised.
 
+Results: docs/results.md, "Solver"; the methods: docs/design.md, "Solver".
+
     python tools/bench_solver.py            # all cases (p = 8192 takes minutes)
     python tools/bench_solver.py --small    # skip p >= 4096
+    python tools/bench_solver.py --p 576    # one small case (p = 576, 9 groups of 64)
     python tools/bench_solver.py --json     # also print one JSON line per measurement
     python tools/bench_solver.py --quality  # loss ÷ exact optimum on 200 small instances (n <= 16)
 """
@@ -58,7 +61,7 @@ def make_case(p: int, m: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torc
 
 def reference_gradual(XtX: torch.Tensor, W: torch.Tensor, d: int, width: int, damp: float = DAMP) -> tuple[torch.Tensor, float]:
     """OSSCAR_fastprune as published, in float64 with explicit masks; returns (mask, loss)."""
-    p, n = XtX.shape[0], XtX.shape[0] // d
+    n = XtX.shape[0] // d
     H = XtX.double().clone()
     W0 = W.double().clone()
     dead_rows = torch.diagonal(H) == 0

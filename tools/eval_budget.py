@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evidence for the latency-budget job (issue 6): budgets met, predictions right, allocator wins.
+"""Evidence for the latency-budget job: budgets met, predictions right, allocator wins.
 
 For one model and a family of speedups it
 
@@ -13,13 +13,20 @@ For one model and a family of speedups it
    pipeline (``final_prune``: the job's mode, by default the better of sequential and dense on
    held-out calibration samples) and exported the same way;
    both models are then timed alternately in the same rounds (interference hits both alike) and
-   scored on the same held-out data by running their ONNX files in onnxruntime;
+   scored on the same held-out data by running their ONNX files in onnxruntime, with the task's
+   quality metric (``Task.quality``, as in the job's report);
 3. materializes ``--points`` allocations across the whole budget range (keep-first masks: the
    weights do not change a latency), compiles each on the target and reports predicted vs
    measured latency with the mean absolute percentage error.
 
-    python tools/eval_budget.py --model smollm2-135m --speedup 1.5 2.0 --points 10 \\
-        --out /tmp/eb/tool --run /tmp/eb/smol --tables /tmp/eb/tables --json /tmp/eb/smol.json
+Results and the commands that made them: docs/results.md, "Allocation vs uniform" (step 2) and
+"Latency prediction" (step 3); how the table predicts: docs/design.md, "Latency".
+
+    python tools/eval_budget.py --model smollm2-135m --speedup 1.5 2.0 --points 0 --run DIR --out WORK
+    python tools/eval_budget.py --model smollm2-135m --skip-family --points 10 --out WORK
+
+``--model`` is any model spec ``osscar-export`` takes; ``--calib``, ``--n-calib`` and ``--levels``
+are the job's options of the same names (a ``module:factory`` model needs ``--calib FILE.pt``).
 """
 
 from __future__ import annotations
@@ -39,14 +46,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from osscar_export import data, evaluate
+from osscar_export import data, evaluate, export_onnx, materialize
 from osscar_export.allocate import tradeoff
 from osscar_export.atomic import write_text
-from osscar_export.export import export_onnx
 from osscar_export.job import JobConfig, Prepared
 from osscar_export.latency.table import LatencyTable
 from osscar_export.latency.timing import measure
-from osscar_export.passes.materialize import materialize
 from osscar_export.pipeline import final_prune, prepare, run_job
 from osscar_export.widths import first_mask, width_grid
 
@@ -159,7 +164,7 @@ def match_uniform(prep: Prepared, timer: Timer, reference: Any, reference_predic
     allocated model it likely makes on the uniform one too). While every try lands on one side,
     the next rescales the goal by the measured ratio ``reference / uniform``; once tries lie on
     both sides, the fraction is interpolated between the closest two (regula falsi), because the
-    table can mispredict uniform widths by far more than a ratio corrects (EfficientNet: -22%).
+    table can mispredict uniform widths by far more than a ratio corrects.
     Both models are timed in alternation; stops within ``tol``. Returns the best try.
     """
     history: list[dict[str, float]] = []

@@ -9,12 +9,17 @@ prunes the eager model at the same counts; it handles unit-size structures (neur
 only, so configurations with heads show "n/a" for it.
 
 Quality is scored on held-out real data with the masked eager model (``apply_masks``): by the
-mask-equivalence law it computes what the materialized model computes (the column ``mat Δ`` is
-the measured max |difference| on a calibration batch), and it runs at the evaluation shape
-(SmolLM2: 512-token windows) although the graph was captured at the calibration shape.
+mask-equivalence law (docs/design.md, "Mask-equivalence law") it computes what the materialized
+model computes (the column ``mat Δ`` is the measured max |difference| on a calibration batch),
+and it runs at the evaluation shape (SmolLM2: 512-token windows) although the graph was captured
+at the calibration shape.
 
     python tools/eval_quality.py --model smollm2 --quick
     python tools/eval_quality.py --model all --methods mp,mp+,greedy,osscar,osscar-dense,tp-magnitude
+    python tools/eval_quality.py --model tiny-llama --quick   # random weights and tokens: a smoke test, no quality
+
+``--model all`` runs the three pretrained models; ``tiny-llama`` is a two-layer Llama with random
+weights, calibrated and scored on random token windows, so every method runs in seconds.
 """
 
 from __future__ import annotations
@@ -35,14 +40,11 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from osscar_export import StructurePlan, apply_masks, find_structures, prune
 from osscar_export.atomic import write_text
-from osscar_export.passes.materialize import apply_masks
-from osscar_export.passes.structures import find_structures
-from osscar_export.plan import StructurePlan
-from osscar_export.prune import prune
 
 METHODS = ("mp", "mp+", "greedy", "osscar", "osscar-dense", "tp-magnitude")
-MODELS = ("smollm2", "efficientnet", "minilm")
+MODELS = ("smollm2", "efficientnet", "minilm")  # pretrained: what --model all runs
 
 
 class PeakRSS:
@@ -154,6 +156,40 @@ def minilm(quick: bool) -> Setup:
     return Setup("MiniLM-L6", loaded.model, loaded.example_inputs, plan, calibration, configs, lambda m: {"cos": embedding_similarity(m, dense, held)})
 
 
+def tiny_llama(quick: bool) -> Setup:
+    """A two-layer Llama (grouped-query attention, SwiGLU MLP) from a small config with random
+    weights, calibrated and scored on random token windows: exercises every method, measures
+    nothing about quality."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osscar_export.evaluate import perplexity
+    from osscar_export.models import CausalLMLogits
+
+    vocab, seq, batch = 128, 16, 2
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = CausalLMLogits(LlamaForCausalLM(config)).eval()
+    tokens = torch.Generator().manual_seed(0)
+
+    def windows(n: int, length: int = seq) -> list[tuple[torch.Tensor]]:
+        return [(torch.randint(0, vocab, (batch, length), generator=tokens),) for _ in range(n)]
+
+    example = windows(1)[0]
+    plan = find_structures(model, example)
+    calibration = windows(4 if quick else 16)
+    held = windows(2 if quick else 8, 2 * seq)
+    configs = [
+        ("MLP 50%", counts_for(plan, {"neuron": 0.5})),
+        ("MLP 50% + KV 1/2", counts_for(plan, {"neuron": 0.5, "kv_group": 0.5})),
+    ]
+    return Setup("tiny-llama", model, example, plan, calibration, configs, lambda m: {"ppl": perplexity(m, held)})
+
+
+SETUPS: dict[str, Callable[[bool], Setup]] = {"smollm2": smollm2, "efficientnet": efficientnet, "minilm": minilm,
+                                              "tiny-llama": tiny_llama}
+
+
 def tp_magnitude(setup: Setup, counts: dict[str, int]) -> nn.Module:
     """Torch-Pruning's magnitude pruning of the same groups to the same counts (unit-size groups)."""
     import torch_pruning as tp
@@ -224,7 +260,8 @@ def table(rows: list[dict]) -> Table:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=(*MODELS, "all"), default="all")
+    parser.add_argument("--model", choices=(*SETUPS, "all"), default="all",
+                        help="a pretrained model, all three, or tiny-llama (random weights, for smoke tests)")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--quick", action="store_true", help="small calibration and evaluation sets")
     parser.add_argument("--threads", type=int, default=1)
@@ -241,7 +278,7 @@ def main() -> None:
     rows = []
     for name in MODELS if args.model == "all" else (args.model,):
         t0 = time.perf_counter()
-        setup = {"smollm2": smollm2, "efficientnet": efficientnet, "minilm": minilm}[name](args.quick)
+        setup = SETUPS[name](args.quick)
         console.print(f"{setup.name}: {len(setup.plan.groups)} groups, {len(setup.calibration)} calibration batches, set up in {time.perf_counter() - t0:.0f}s")
         rows += run(setup, methods, console)
         if args.json:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Print the numbers of a job's report.json that the seed decides (widths, losses, quality), not
 the timings, so two runs of the same command can be compared: before and after a refactor, or
-on two machines with the same latency table.
+on two machines with the same latency table. Every report.json under the folder is printed
+(a family has one per budget and a summary); the report's fields: docs/design.md, "Pipeline".
 
     osscar-export MODEL --speedup 1.5 --out OUT && python tools/report_numbers.py OUT
 """
@@ -13,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-VOLATILE = {"measured_ms", "measurement_noisy", "meets_budget", "prediction_error", "attempts", "prune_seconds",
-            "job_seconds", "versions", "parity", "target", "measurement"}
+VOLATILE = {"measured_ms", "measurement_noisy", "meets_budget", "budget_missed", "budgets_met", "prediction_error",
+            "attempts", "prune_seconds", "job_seconds", "versions", "parity", "target", "measurement"}
 
 
 def numbers(report: dict[str, Any]) -> dict[str, Any]:

@@ -7,9 +7,11 @@ Prunes a fraction of every SwiGLU MLP's neurons and whole KV groups in every att
 - greedy decoding gives the same next tokens in torch and in onnxruntime.
 
 The export has static shapes, so decoding runs on a fixed window of prompt + new tokens: the
-model is causal, so the logits at position t do not depend on the filler after t.
+model is causal, so the logits at position t do not depend on the filler after t. Measured
+numbers: docs/results.md, "Materialize"; the rewrite itself: docs/design.md, "Materialize".
 
     python tools/smollm2_onnx_check.py --mlp-keep 0.5 --kv-remove 1 --new-tokens 20
+    python tools/smollm2_onnx_check.py --tiny   # a small random Llama and random prompt ids: a smoke test
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from osscar_export.export import export_onnx
-from osscar_export.models import load_model
-from osscar_export.passes.materialize import apply_masks, materialize
-from osscar_export.passes.structures import find_structures
-from osscar_export.plan import StructureGroup
+from osscar_export import StructureGroup, apply_masks, export_onnx, find_structures, materialize
+from osscar_export.models import CausalLMLogits, load_model
 
 PROMPT = "The history of the printing press began in"
+TINY_VOCAB = 256
+
+
+def tiny_llama() -> torch.nn.Module:
+    """SmolLM2's architecture (grouped-query attention, SwiGLU MLP) at a tiny size, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return CausalLMLogits(LlamaForCausalLM(config)).eval()
 
 
 def magnitude_mask(group: StructureGroup, model: torch.nn.Module, width: int) -> torch.Tensor:
@@ -66,19 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt", default=PROMPT)
     ap.add_argument("--out", type=Path, default=None, help="where model.onnx goes (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tiny", action="store_true",
+                    help="a small randomly initialised Llama and a random prompt of token ids instead of SmolLM2")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     t0 = time.perf_counter()
-    loaded = load_model("smollm2-135m")
-    model, tok = loaded.model.eval(), loaded.tokenizer
-    prompt = tok(a.prompt, return_tensors="pt").input_ids
+    if a.tiny:
+        name, model, filler = "a tiny random Llama", tiny_llama(), 0
+        prompt = torch.randint(1, TINY_VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+        decode = list  # token ids: the tiny model has no tokenizer
+    else:
+        loaded = load_model("smollm2-135m")
+        name, model, tok = "smollm2-135m", loaded.model.eval(), loaded.tokenizer
+        prompt, filler, decode = tok(a.prompt, return_tensors="pt").input_ids, tok.eos_token_id, tok.decode
     window = prompt.shape[1] + a.new_tokens
-    ids = torch.full((1, window), tok.eos_token_id, dtype=torch.long)
+    ids = torch.full((1, window), filler, dtype=torch.long)
     ids[0, : prompt.shape[1]] = prompt[0]
     args = (ids,)
-    print(f"loaded smollm2-135m in {time.perf_counter() - t0:.1f}s; prompt {prompt.shape[1]} tokens, window {window}")
+    print(f"loaded {name} in {time.perf_counter() - t0:.1f}s; prompt {prompt.shape[1]} tokens, window {window}")
 
     t = time.perf_counter()
     plan = find_structures(model, args)
@@ -112,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = diff <= 1e-4 * scale + 1e-5
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = (a.out or Path(tmp)) / "smollm2-pruned.onnx"
+        path = (a.out or Path(tmp)) / ("tiny-pruned.onnx" if a.tiny else "smollm2-pruned.onnx")
         t = time.perf_counter()
         rep = export_onnx(small, args, path)
         print(f"ONNX: {rep.path} ({rep.path.stat().st_size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f}s, "
@@ -131,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
     same = ort_tokens == torch_tokens
     ok = ok and same and masked_tokens == torch_tokens
-    print(f"dense  (torch): {tok.decode(dense_tokens)!r}")
-    print(f"masked (torch): {tok.decode(masked_tokens)!r}")
-    print(f"small  (torch): {tok.decode(torch_tokens)!r}")
-    print(f"small  (ORT)  : {tok.decode(ort_tokens)!r}")
+    print(f"dense  (torch): {decode(dense_tokens)!r}")
+    print(f"masked (torch): {decode(masked_tokens)!r}")
+    print(f"small  (torch): {decode(torch_tokens)!r}")
+    print(f"small  (ORT)  : {decode(ort_tokens)!r}")
     agree = sum(x == y for x, y in zip(ort_tokens, torch_tokens))
     print(f"ORT vs torch next tokens: {agree}/{a.new_tokens} identical; masked vs small identical: "
           f"{masked_tokens == torch_tokens}")

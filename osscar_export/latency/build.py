@@ -6,21 +6,34 @@ therefore timed end to end and ``base``/``scale`` fitted to them (``fit_line``);
 still decide the shape of the curve between them. The mid points are allocations the allocator
 itself makes (``fit_plan``): those are the ones the table has to predict. Every point is timed
 in interleaved rounds, keeping each one's fastest, so load that comes and goes slows every point
-alike. See docs/design.md, section Latency.
+alike. Region times are saved as they are measured (a partial file beside the table), so an
+interrupted build resumes where it stopped. See docs/design.md, section Latency.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from osscar_export import cache
 from osscar_export.allocate import allocate
 from osscar_export.errors import PlanError
 from osscar_export.latency.regions import Region, group_regions
-from osscar_export.latency.table import FitPoint, LatencyTable, find_table, graph_signature, table_path
+from osscar_export.latency.table import (
+    FitPoint,
+    LatencyTable,
+    find_table,
+    graph_signature,
+    load_partial,
+    partial_path,
+    save_partial,
+    table_key,
+    table_path,
+)
 from osscar_export.latency.timing import MeasureSettings, Timing, measure
 from osscar_export.passes.materialize import materialize
 from osscar_export.plan import StructureGroup, StructurePlan
@@ -62,17 +75,56 @@ def fit_plan(table: LatencyTable) -> dict[str, dict[str, int]]:
     return plan
 
 
+class _Store:
+    """Where one build writes: the first lookup folder, or the user cache once that folder turns
+    out not to be writable (a measured table must not be lost to a read-only ``--tables``)."""
+
+    def __init__(self, folder: Path, target: Target, model_sig: str, log: Callable[[str], None]):
+        self.first = self.folder = folder
+        self.target, self.model_sig, self.log = target, model_sig, log
+
+    def path(self, folder: Path | None = None) -> Path:
+        return table_path(folder or self.folder, self.target, self.model_sig)
+
+    def write(self, write: Callable[[Path], object], partial: bool = False) -> Path:
+        """``write(path)`` of the table (or its partial file) in the current folder."""
+        path = partial_path(self.path()) if partial else self.path()
+        try:
+            write(path)
+            return path
+        except OSError as e:
+            fallback = cache.tables_dir()
+            if self.folder == fallback:
+                raise
+            self.log(f"cannot write latency tables to {self.folder} ({e.strerror or e}): "
+                     f"saving them to the user cache {fallback} instead")
+            self.folder = fallback
+            return self.write(write, partial)
+
+    def partials(self) -> list[Path]:
+        """Where a partial file of this table may be: beside the first folder's, or the user cache's."""
+        return [partial_path(self.path(f)) for f in dict.fromkeys([self.first, cache.tables_dir()])]
+
+
 def measure_latency(
     plan: StructurePlan,
     target: Target,
     widths: Mapping[str, Sequence[int]] | None = None,
     *,
     settings: MeasureSettings = MeasureSettings(),
-    cache_dir: str | Path | None = "latency_tables",
+    cache_dir: str | Path | Sequence[str | Path] | None = None,
     log: Callable[[str], None] = lambda msg: None,
 ) -> LatencyTable:
-    """The latency table of ``plan`` on ``target``; re-used from ``cache_dir`` when it matches
-    (same device, target, model, measurement settings, and every requested width measured).
+    """The latency table of ``plan`` on ``target``; re-used from the first of the ``cache_dir``
+    folders that holds a matching one (same device, target, model, measurement settings, and
+    every requested width measured). The job passes ``lookup_dirs(--tables)``; one folder is a
+    list of one; None reads and saves nothing.
+
+    A measured or re-fitted table is saved to the first folder, or to the user cache
+    (``cache.tables_dir()``) when the first cannot be written, which is logged. So are the
+    region times while they are measured (``save_partial``, after each one): a build that is
+    interrupted resumes with the regions it had timed, and the partial file goes once the table
+    is saved.
 
     Groups without ``widths`` are measured at ``width_grid(group, FALLBACK_LEVELS)``; every group
     also at its full width. Each group's region (``group_regions``) is materialized at each kept
@@ -97,15 +149,17 @@ def measure_latency(
         if g.count not in grid[g.name]:
             grid[g.name].append(g.count)  # full width anchors base_ms
     model_sig = graph_signature(plan.program)
-    if cache_dir is not None:
-        cached = find_table(cache_dir, target, model_sig)
+    folders = [Path(cache_dir)] if isinstance(cache_dir, (str, Path)) else [Path(d) for d in cache_dir or ()]
+    store = _Store(folders[0], target, model_sig, log) if folders else None
+    for folder in folders:
+        cached = find_table(folder, target, model_sig)
         if (
             cached is not None
             and cached.measurement == asdict(settings)
             and set(cached.groups) == set(grid)
             and all(set(grid[g]) <= set(cached.widths(g)) for g in grid)
         ):
-            path = table_path(cache_dir, target, model_sig)
+            path = table_path(folder, target, model_sig)
             # labels, not widths: a change of the allocator alone should not re-time a table
             if [p.label for p in cached.fit_points] == list(fit_plan(cached)):
                 log(f"latency table re-used: {path}")
@@ -113,13 +167,19 @@ def measure_latency(
             log(f"latency table re-used: {path}; its end-to-end fit has {len(cached.fit_points)} of "
                 f"{len(fit_plan(cached))} points (an older osscar-export measured it): fitting again")
             _fit(cached, plan, target, settings, log)
-            cached.save(path)
-            log(f"latency table saved: {path}")
+            log(f"latency table saved: {store.write(cached.save)}")
             return cached
 
-    noisy: list[str] = []
+    key = table_key(target.fingerprint(), target.settings(), model_sig)
     groups: dict[str, str] = {}
     times: dict[str, dict[int, float]] = {}
+    noisy: list[str] = []
+    for path in store.partials() if store else ():
+        resumed = load_partial(path, key, asdict(settings))
+        if resumed is not None:
+            times, noisy = resumed
+            log(f"resuming the latency table from {path}: {sum(map(len, times.values()))} region timings kept")
+            break
 
     def timed(group: StructureGroup, signature: str) -> bool:
         """Record the signature; True when every width of the group is already timed under it."""
@@ -135,14 +195,26 @@ def measure_latency(
             curve[k] = timing.ms
             if timing.noisy:
                 noisy.append(f"{groups[group.name]}@{k}")
+            if store is not None:
+                store.write(lambda path: save_partial(path, key, asdict(settings), times, noisy), partial=True)
+    # a resumed build may hold widths an earlier grid asked for: keep exactly this grid's, as an
+    # uninterrupted build would
+    wanted: dict[str, set[int]] = {}
+    for name, sig in groups.items():
+        wanted.setdefault(sig, set()).update(grid[name])
+    times = {sig: {k: ms for k, ms in times[sig].items() if k in ks} for sig, ks in wanted.items()}
+    kept = {f"{sig}@{k}" for sig, curve in times.items() for k in curve}
+    noisy = [n for n in noisy if n in kept]
     table = LatencyTable(
         fingerprint=target.fingerprint(), target=target.settings(), model_signature=model_sig,
         measurement=asdict(settings), dense_ms=math.nan, base_ms=math.nan, groups=groups, times=times, noisy=noisy,
     )
     _fit(table, plan, target, settings, log)
-    if cache_dir is not None:
-        path = table.save(table_path(cache_dir, target, model_sig))
-        log(f"latency table saved: {path}")
+    if store is not None:
+        log(f"latency table saved: {store.write(table.save)}")
+        for path in store.partials():
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
     return table
 
 

@@ -9,12 +9,17 @@ See docs/design.md, section Latency.
 
 Tables are cached as JSON named by ``table_key`` (device fingerprint, target settings, model
 graph signature and the code version, ``osscar_export.cache``); a table is used whole or not at all.
+They are looked up wherever the tool runs (``lookup_dirs``): the ``--tables`` folder when given, the
+user's cache of measured tables, and the tables shipped with osscar-export (``shipped_dirs``). The
+region times of a table being built are kept in a partial file beside it (``save_partial``), so an
+interrupted build resumes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import Any
 import torch
 
 from osscar_export.atomic import write_text
+from osscar_export import cache
 from osscar_export.cache import digest, key
 from osscar_export.errors import LatencyTableError
 from osscar_export.targets import Target
@@ -31,6 +37,23 @@ SCHEMA = "osscar-export/latency-table"
 # 3: fit points under "fit_points", keyed by osscar_export.cache.key; 2: the same points under
 # "calibration"; 1: fastest_ms instead of the points. All three load.
 SCHEMA_VERSION = 3
+PARTIAL_SCHEMA = "osscar-export/latency-table-partial"
+
+
+def shipped_dirs() -> list[Path]:
+    """The folders of the tables shipped with osscar-export that exist here: the repository's
+    top-level ``latency_tables/`` in a source checkout or editable install, the copy a wheel
+    installs as the data package ``osscar_export.latency_tables`` (pyproject.toml)."""
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package.parent / "latency_tables", package / "latency_tables") if d.is_dir()]
+
+
+def lookup_dirs(tables: str | Path | None = None) -> list[Path]:
+    """Where tables are looked up, in order, independent of the working directory: ``tables``
+    (``--tables``) when given, the user cache (``cache.tables_dir()``), then ``shipped_dirs()``.
+    A measured table is saved to the first (see ``measure_latency``)."""
+    dirs = ([Path(tables).resolve()] if tables is not None else []) + [cache.tables_dir().resolve(), *shipped_dirs()]
+    return list(dict.fromkeys(dirs))
 
 
 def graph_signature(program: torch.export.ExportedProgram) -> str:
@@ -65,6 +88,11 @@ def _schema2_key(fingerprint: Mapping[str, Any], settings: Mapping[str, Any], mo
 def table_path(directory: str | Path, target: Target, model_signature: str) -> Path:
     """Where the table for this target and model lives under ``directory``."""
     return Path(directory) / f"{target.name}-{table_key(target.fingerprint(), target.settings(), model_signature)}.json"
+
+
+def partial_path(path: Path) -> Path:
+    """The partial file of the table at ``path``: the region times of a build not finished yet."""
+    return path.with_suffix(".partial.json")
 
 
 @dataclass(frozen=True)
@@ -105,6 +133,27 @@ def fit_line(points: Sequence[tuple[float, float]], *, min_spread: float = 0.05)
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _times(raw: dict[str, Any], bad: Callable[[str], Exception]) -> dict[str, dict[int, float]]:
+    """Stored region times (signature → width → ms), type-checked."""
+    times: dict[str, dict[int, float]] = {}
+    for sig, curve in raw.items():
+        if not isinstance(curve, dict) or not curve:
+            raise bad(f"times[{sig!r}] is not a non-empty object")
+        parsed = {}
+        for w, ms in curve.items():
+            if not (isinstance(w, str) and w.isdigit() and int(w) >= 1):
+                raise bad(f"times[{sig!r}] has a width {w!r} that is not a positive integer")
+            if not _is_number(ms) or ms < 0:
+                raise bad(f"times[{sig!r}][{w}] = {ms!r} is not a finite non-negative number")
+            parsed[int(w)] = float(ms)
+        times[sig] = parsed
+    return times
+
+
+def _json_times(times: Mapping[str, Mapping[int, float]]) -> dict[str, dict[str, float]]:
+    return {sig: {str(w): ms for w, ms in sorted(c.items())} for sig, c in times.items()}
 
 
 def _fit_point(raw: Any, bad: Callable[[str], LatencyTableError]) -> FitPoint:
@@ -218,7 +267,7 @@ class LatencyTable:
             "dense_ms": self.dense_ms,
             "base_ms": self.base_ms,
             "groups": self.groups,
-            "times": {sig: {str(w): ms for w, ms in sorted(c.items())} for sig, c in self.times.items()},
+            "times": _json_times(self.times),
             "noisy": self.noisy,
             "scale": self.scale,
             "fit_points": [{"label": p.label, "widths": p.widths, "ms": p.ms} for p in self.fit_points],
@@ -253,18 +302,7 @@ class LatencyTable:
         for name, typ in types.items():
             if not isinstance(data.get(name), typ) or isinstance(data.get(name), bool):
                 raise bad(f"field {name!r} is missing or not a {typ}")
-        times: dict[str, dict[int, float]] = {}
-        for sig, curve in data["times"].items():
-            if not isinstance(curve, dict) or not curve:
-                raise bad(f"times[{sig!r}] is not a non-empty object")
-            parsed = {}
-            for w, ms in curve.items():
-                if not (isinstance(w, str) and w.isdigit() and int(w) >= 1):
-                    raise bad(f"times[{sig!r}] has a width {w!r} that is not a positive integer")
-                if not _is_number(ms) or ms < 0:
-                    raise bad(f"times[{sig!r}][{w}] = {ms!r} is not a finite non-negative number")
-                parsed[int(w)] = float(ms)
-            times[sig] = parsed
+        times = _times(data["times"], bad)
         for name, sig in data["groups"].items():
             if sig not in times:
                 raise bad(f"group {name!r} has signature {sig!r} with no measured times")
@@ -328,3 +366,31 @@ def find_table(directory: str | Path, target: Target, model_signature: str) -> L
     if table.stale_reason(target.fingerprint(), target.settings(), model_signature) is not None:
         return None
     return table
+
+
+def save_partial(path: Path, key: str, measurement: Mapping[str, Any], times: Mapping[str, Mapping[int, float]],
+                 noisy: Sequence[str]) -> None:
+    """Write the region times measured so far for the table ``key`` (atomically, as tables are)."""
+    data = {"schema": PARTIAL_SCHEMA, "key": key, "measurement": dict(measurement), "times": _json_times(times),
+            "noisy": list(noisy)}
+    write_text(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def load_partial(path: Path, key: str, measurement: Mapping[str, Any]) -> tuple[dict[str, dict[int, float]], list[str]] | None:
+    """The region times and noisy entries a build of the table ``key`` with these ``measurement``
+    settings left at ``path``; None when there is none or it was measured otherwise. An
+    unreadable file only costs its timings: it is warned about and deleted, not raised."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not (isinstance(data, dict) and data.get("schema") == PARTIAL_SCHEMA and isinstance(data.get("noisy"), list)
+                and isinstance(data.get("times"), dict)):
+            raise ValueError("not a partial latency table")
+        if data.get("key") != key or data.get("measurement") != dict(measurement):
+            return None
+        return _times(data["times"], ValueError), [str(n) for n in data["noisy"]]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        warnings.warn(f"partial latency table {path} is unusable ({e}): deleted, re-measuring its regions", stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None

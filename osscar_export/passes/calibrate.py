@@ -11,6 +11,13 @@ the last input it needs and resume later from a saved set of live values. That g
   the next stage resumes from the activations saved just before that group's first consumer, so
   later consumers see the already-pruned model (the OSSCAR reference protocol).
 
+In-place ops (``relu_``, ``add_``, ``hardswish_`` of torchvision CNNs) run as captured, in graph
+order, which is exactly the model's eager semantics; only a saved state needs care, because the
+forward that runs on from it would otherwise write into the values it holds (``GraphRunner.save``).
+This is simpler and as correct as functionalising a copy of the program for calibration
+(``run_decompositions({})``): node names stay those of the plan by construction, so nothing has to
+be mapped back, and no graph is re-traced (seconds per call on a ResNet).
+
 Only Gram matrices are kept (float32 per batch, summed in float64); activations are held only as
 the live values of a saved state in sequential mode. Rows follow ``Consumer.input_major``:
 Linear/matmul features, Conv input channels unfolded channel-major (``c·kh·kw + a·kw + b``).
@@ -26,9 +33,11 @@ yet with sentences padded to a fixed length they are most of the rows and would 
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -166,7 +175,9 @@ class GraphRunner:
     """Runs a GraphModule node by node; a forward can stop anywhere and resume from a RunState.
 
     The module's parameters are read when their get_attr node runs, so weights changed in place
-    between stages are seen by every node that runs afterwards.
+    between stages are seen by every node that runs afterwards. In-place ops run as captured;
+    ``start`` and ``save`` give each state its own activations so that they cannot change a
+    caller's batch or a saved state.
     """
 
     def __init__(self, gm: GraphModule):
@@ -183,15 +194,44 @@ class GraphRunner:
         for n, i in last_use.items():
             self.free_after[i].append(n)
         self.interpreter = torch.fx.Interpreter(gm, garbage_collect_values=False)
-        mutating = [n.name for n in self.nodes if n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False)]
-        if mutating:
-            raise PlanError(f"the captured graph mutates tensors in place ({', '.join(mutating[:5])}); calibrate needs a functional graph")
+        self.mutates = any(n.op == "call_function" and getattr(getattr(n.target, "_schema", None), "is_mutable", False) for n in self.nodes)
 
     def start(self, inputs: Sequence[torch.Tensor]) -> RunState:
         flat = pytree.tree_leaves(tuple(inputs))
         if len(flat) != len(self.placeholders):
             raise CalibrationDataError(f"a calibration batch has {len(flat)} tensors, the model takes {len(self.placeholders)}")
-        return RunState(0, dict(zip(self.placeholders, flat)), self._tokens(flat))
+        return RunState(0, self._own(dict(zip(self.placeholders, flat))), self._tokens(flat))
+
+    def save(self, state: RunState) -> RunState:
+        """A copy of ``state`` that running on from ``state`` cannot change, to resume from later."""
+        return RunState(state.pos, self._own(state.env), state.tokens)
+
+    def _own(self, env: dict[Node, object]) -> dict[Node, object]:
+        """A new dict of ``env`` whose activations no other state can write.
+
+        A functional graph never writes a value, so sharing is safe and free. Otherwise every
+        activation is copied through one memo, so values that alias each other (``relu_``'s output
+        and its input) still do. Tensors sharing storage with the module's parameters, buffers or
+        constants (and views of them) are kept: stages write re-fitted weights into them in place
+        and later nodes must see those writes.
+        """
+        if not self.mutates:
+            return dict(env)
+        module = {
+            t.untyped_storage().data_ptr()
+            for n in self.nodes if n.op == "get_attr"
+            for t in [self.interpreter.fetch_attr(n.target)] if isinstance(t, torch.Tensor)
+        }
+        memo: dict = {}
+
+        def own(v: object) -> object:
+            if isinstance(v, torch.Tensor):
+                return v if v.untyped_storage().data_ptr() in module else copy.deepcopy(v, memo)
+            if type(v) in (tuple, list):
+                return type(v)(own(x) for x in v)
+            return v
+
+        return {n: own(v) for n, v in env.items()}
 
     def _tokens(self, flat: Sequence[torch.Tensor]) -> torch.Tensor | None:
         """Real-token mask of a batch; None (every row counts) unless ``attention_mask`` is a bool
@@ -261,6 +301,10 @@ def check_batches(plan: StructurePlan, batches: Iterable) -> list[tuple[torch.Te
     dimension that was not exported as dynamic must have the exported size.
     """
     specs = [n.meta["val"] for n in plan.program.graph.nodes if n.op == "placeholder" and n.name in plan.program.graph_signature.user_inputs]
+    # The program may have been captured on the first batch itself, so its input dtypes prove
+    # nothing: a float input must also match a float dtype of the weights, or the run fails in ATen.
+    weight_dtypes = sorted({str(t.dtype) for t in plan.program.state_dict.values() if t.is_floating_point()})
+    all_zero = None  # whether every float input seen so far is all zeros; None: none seen
     out = []
     for i, batch in enumerate(batches):
         if isinstance(batch, torch.Tensor):
@@ -280,11 +324,24 @@ def check_batches(plan: StructurePlan, batches: Iterable) -> list[tuple[torch.Te
             if x.dim() != len(static) or any(s is not None and s != d for s, d in zip(static, x.shape)):
                 want = "(" + ", ".join("*" if s is None else str(s) for s in static) + ")"
                 raise CalibrationDataError(f"calibration batch {i} input {j} has shape {tuple(x.shape)}, the model takes {want}")
+            if x.is_floating_point() and weight_dtypes and str(x.dtype) not in weight_dtypes:
+                raise CalibrationDataError(
+                    f"calibration batch {i} input {j} has dtype {x.dtype}, expected {' or '.join(weight_dtypes)} "
+                    f"(the model's weights); convert the batches, e.g. x.to({weight_dtypes[0]})"
+                )
             if x.is_floating_point() and not torch.isfinite(x).all():
                 raise CalibrationDataError(f"calibration batch {i} input {j} contains NaN or Inf")
+            if x.is_floating_point() and all_zero is not False:
+                all_zero = not bool(x.any())
         out.append(batch)
     if not out:
         raise CalibrationDataError("calibration data is empty: pass at least one batch of real inputs")
+    if all_zero:
+        warnings.warn(
+            "calibration data is all zeros (every floating-point input of every batch): the Gram "
+            "matrices come out zero, so the pruning choice and re-fit mean nothing; calibrate on real inputs",
+            stacklevel=1,  # one location, so a warning filter shows it once though each pass checks
+        )
     return out
 
 
@@ -329,8 +386,7 @@ class SequentialCalibrator:
             raise PlanError(f"group {group.name} comes before an earlier stage's first consumer: call stage() in order()")
         acc = _Accumulator(inputs)
         for k, state in enumerate(self.states):
-            self.runner.advance(state, first)
-            self.states[k] = RunState(first, dict(state.env), state.tokens)
+            self.states[k] = self.runner.save(self.runner.advance(state, first))
             acc.tokens = state.tokens
             self.runner.advance(state, stop, acc)
         return Grams(acc.xtx, acc.rows)

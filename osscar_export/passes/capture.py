@@ -9,6 +9,11 @@ tensors, so the structure analysis sees real ATen ops (``aten.linear``, ``aten.c
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,6 +21,43 @@ from torch import nn
 
 from osscar_export.errors import CaptureError
 from osscar_export.passes.base import Pass, PassResult, PruneState
+
+
+_TORCH_ADVICE = ("For more information", "For extended logs", "If you suspect", "For more debugging help",
+                 "For C++ stack trace", "The error above occurred when calling torch.export")
+
+
+def _essence(exc: BaseException) -> str:
+    """The cause of a long torch error on one line: its first line and its last line that is not
+    generic torch advice (often the user code that raised, with its location), never cut mid-way."""
+    lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(_TORCH_ADVICE)] or lines
+    if len(lines) <= 2:
+        return f"{type(exc).__name__}: {' '.join(lines)}"
+    last = f"{lines[-2]}: {lines[-1]}" if lines[-2].startswith('File "') else lines[-1]
+    return f"{type(exc).__name__}: {lines[0]} … {last}"
+
+
+@contextlib.contextmanager
+def _stderr_only_on_success() -> Iterator[None]:
+    """Hold what torch writes to stderr while exporting and pass it on only if export succeeds: on
+    a failure torch prints the partial graph (twice) and logs the error, so the user would read it
+    all before our message. With TORCH_LOGS set (debugging torch) everything goes through."""
+    if os.environ.get("TORCH_LOGS"):
+        yield
+        return
+    held = io.StringIO()
+    with contextlib.redirect_stderr(held):
+        yield
+    sys.stderr.write(held.getvalue())
+
+
+def _describe(inputs: tuple[Any, ...]) -> str:
+    """Shape and dtype of each input, so a mismatch with the model is visible in the error."""
+    return ", ".join(
+        f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in inputs
+    )
 
 
 def capture(
@@ -35,13 +77,23 @@ def capture(
     modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:
-        return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with _stderr_only_on_success():
+            return torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:  # torch.export raises many unrelated types; name the model and cause
-        detail = " ".join(str(exc).split())[:600]
+        model_name = type(model).__name__
+        try:  # a forward that fails outside export too: the inputs, not the tracing, are wrong
+            with torch.no_grad():
+                model(*example_inputs)
+        except Exception as eager:  # user code: any failure means the inputs do not fit
+            raise CaptureError(
+                f"the example inputs do not fit {model_name}: its forward fails on them even without "
+                f"torch.export ({_essence(eager)}). Inputs given: {_describe(example_inputs)}; pass "
+                f"example inputs with the shapes and dtypes the model takes."
+            ) from exc
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__} ({type(exc).__name__}: {detail}). "
-            f"Make the forward traceable (no data-dependent Python control flow, tensor inputs and "
-            f"outputs only), fix dynamic_shapes, or pass an ExportedProgram."
+            f"torch.export could not capture {model_name} ({_essence(exc)}). The forward runs on the "
+            f"example inputs, so it is not traceable: remove data-dependent Python control flow, "
+            f"take and return tensors only, fix dynamic_shapes, or pass an ExportedProgram."
         ) from exc
     finally:
         for name, m in model.named_modules():

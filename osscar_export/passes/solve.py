@@ -91,8 +91,8 @@ def structure_rows(consumer: Consumer, weight: torch.Tensor, count: int) -> torc
     area = int(np.prod(weight.shape[2:])) if consumer.op != "matmul" else 1
     rows = (channels[..., None] * area + torch.arange(area)).reshape(count, -1)
     p = consumer.input_major(weight).shape[0]
-    if rows.shape[1] != consumer.group_size:
-        raise PlanError(f"consumer {consumer.weight} of the plan says group_size {consumer.group_size}, its slice owns {rows.shape[1]} rows per structure")
+    if rows.shape[1] != consumer.group_size * len(s.offsets):  # group_size rows at each offset
+        raise PlanError(f"consumer {consumer.weight} of the plan says group_size {consumer.group_size} at each of {len(s.offsets)} offset(s), its slice owns {rows.shape[1]} rows per structure")
     if rows.numel() != p or not torch.equal(rows.reshape(-1).sort().values, torch.arange(p)):
         raise PlanError(f"consumer {consumer.weight} is marked full but the group does not own each of its {p} input rows exactly once")
     return rows

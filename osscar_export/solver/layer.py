@@ -8,6 +8,7 @@ and the public API (see docs/design.md, "Solver").
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -56,8 +57,9 @@ def prepare(XtX: torch.Tensor, W: torch.Tensor, group_size: int, damp: float) ->
         raise ValueError(f"W must be input-major (p, m) = ({p}, m>0) to match XtX, got shape {tuple(W.shape)}")
     if XtX.device != W.device:
         raise ValueError(f"XtX is on {XtX.device} but W is on {W.device}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    group_size = int(group_size)
     if p == 0 or p % group_size:
         raise ValueError(f"p = {p} input rows do not split into groups of group_size = {group_size}")
     if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
@@ -90,12 +92,13 @@ def prepare(XtX: torch.Tensor, W: torch.Tensor, group_size: int, damp: float) ->
 
 
 def check_width(width: int, n: int) -> int:
-    """``width`` if it is an int number of groups in ``0..n``; a ValueError otherwise."""
-    if isinstance(width, bool) or not isinstance(width, int):
-        raise ValueError(f"width must be an int number of groups, got {width!r}")
+    """``width`` as an int if it is an integral number of groups in ``0..n`` (numpy integers from
+    an array of widths included); a ValueError otherwise, for floats and bools too."""
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral):
+        raise ValueError(f"width must be an integer number of groups, got {width!r}")
     if not 0 <= width <= n:
         raise ValueError(f"width = {width} is out of range: the layer has n = {n} groups (0 <= width <= n)")
-    return width
+    return int(width)
 
 
 def spd_inverse(H: torch.Tensor, leaf: int = 512) -> torch.Tensor:
