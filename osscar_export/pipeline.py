@@ -223,8 +223,8 @@ def _tighter_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, alloc:
 
 def _timings(runnable: Runnable, inputs: tuple, settings: MeasureSettings, budget_ms: float, label: str, log: Log) -> list[Timing]:
     """One timing of a built model, or two when the first misses the budget: a miss rebuilds the
-    model, so one disturbed timing must not decide it (warm caches once measured 1.17 ms against
-    0.63 ms). The lower counts, as within ``measure``: interference only ever slows a run down."""
+    model, so one disturbed timing must not decide it. The lower counts, as within ``measure``:
+    interference only ever slows a run down."""
     timings = [measure(runnable, inputs, settings)]
     if not meets_budget(timings[0].ms, budget_ms):
         log(f"[{label}] measured {timings[0].ms:.2f} ms, over the budget {budget_ms:.2f} ms: timing it again")
