@@ -401,17 +401,14 @@ class Stem(torch.nn.Module):
         return self.head(y.mean((2, 3)))
 
 
-def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(monkeypatch):
+def _stem_table(monkeypatch: pytest.MonkeyPatch) -> tuple:
+    """Stem's latency table, timed for real, and the modules the target compiled for it."""
     from osscar_export.latency.build import measure_latency
-    from osscar_export.latency.regions import owning_paths
-    from osscar_export.passes.materialize import materialize
     from osscar_export.passes.structures import find_structures
 
     torch.manual_seed(0)
     model, inputs = Stem().eval(), (torch.randn(1, 3, 48, 48),)
     plan = find_structures(model, inputs)
-    stem = plan.group("conv.channel")
-    assert owning_paths(stem) == [""]  # no submodule owns it
     timed: list[torch.fx.GraphModule] = []
     compile_ = type(get_target("ort-cpu")).compile
 
@@ -420,11 +417,19 @@ def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(mo
         return compile_(self, module, example_inputs)
 
     monkeypatch.setattr(type(get_target("ort-cpu")), "compile", recording)
-    target = get_target("ort-cpu")
     settings = MeasureSettings(warmup=2, repeats=3, iters=5, max_attempts=2, clock="thread")
-    table = measure_latency(plan, target, {g.name: [1, 32, g.count] for g in plan.groups}, settings=settings, cache_dir=None)
+    table = measure_latency(plan, get_target("ort-cpu"), {g.name: [1, 32, g.count] for g in plan.groups},
+                            settings=settings, cache_dir=None)
     monkeypatch.undo()
+    return model, inputs, plan, table, timed, settings
 
+
+def test_root_owned_group_is_measured_on_its_subgraph(monkeypatch):
+    from osscar_export.latency.regions import owning_paths
+
+    model, inputs, plan, table, timed, _ = _stem_table(monkeypatch)
+    stem = plan.group("conv.channel")
+    assert owning_paths(stem) == [""]  # no submodule owns it
     # every region is a small part of the model; only the end-to-end points compile all of it
     full_nodes = sum(n.op == "call_function" for n in plan.program.graph.nodes)
     sizes = [sum(n.op == "call_function" for n in m.graph.nodes) for m in timed]
@@ -433,8 +438,16 @@ def test_root_owned_group_is_measured_on_its_subgraph_and_predicts_end_to_end(mo
     assert len(sizes) - len(whole) == sum(len(curve) for curve in table.times.values())
     assert table.ms(stem.name, 1) < table.ms(stem.name, stem.count)
 
-    half = {stem.name: 32}
+
+@pytest.mark.slow
+def test_root_owned_group_predicts_end_to_end(monkeypatch):
+    """Timed for real: other load on the shared machine made it miss 30% in 1 of 5 CI-style runs."""
+    from osscar_export.passes.materialize import materialize
+
+    model, inputs, plan, table, _, settings = _stem_table(monkeypatch)
+    half = {"conv.channel": 32}
     small = materialize(model, plan, {g: first_mask(plan.group(g).count, k) for g, k in half.items()})
+    target = get_target("ort-cpu")
     measured = measure(target.compile(small, inputs), inputs, settings).ms
     predicted = table.predict(half)
     assert abs(predicted - measured) / measured < 0.3, (predicted, measured, table.dense_ms, table.fastest_ms)
