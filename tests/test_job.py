@@ -125,8 +125,9 @@ def test_one_slow_timing_does_not_rebuild(tiny: dict[str, str], tmp_path: Path, 
 
 
 def test_each_prune_mode_as_asked_without_search(tiny: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--mode sequential and dense prune once each (no held-out loss to compare), and differ: a
-    sequential prune re-fits later layers to the pruned model's inputs."""
+    """--mode sequential and dense prune once each (no held-out loss to compare). They differ when
+    a narrowed group follows another (a sequential prune re-fits it to the pruned model's inputs)
+    and agree when only one is narrowed: the allocation depends on the measured table."""
     outputs, widths = {}, {}
     x = torch.randn(32, 64)
     for mode in ("sequential", "dense"):
@@ -141,7 +142,9 @@ def test_each_prune_mode_as_asked_without_search(tiny: dict[str, str], tmp_path:
         widths[mode] = _widths(out)
         outputs[mode] = torch.export.load(out / "model.pt2").module()(x)
     assert widths["sequential"] == widths["dense"]
-    assert not torch.allclose(outputs["sequential"], outputs["dense"])
+    full = {"fc1.neuron": 256, "fc2.neuron": 64, "fc3.neuron": 256}
+    narrowed = [g for g, w in widths["dense"].items() if w < full[g]]
+    assert torch.allclose(outputs["sequential"], outputs["dense"]) == (len(narrowed) < 2), narrowed
 
 
 def test_search_falls_back_to_calibration_data_when_nothing_can_be_held_out(
