@@ -80,6 +80,17 @@ def _reference(module: torch.nn.Module, inputs: Sequence[tuple]) -> list[list[to
         return [_tensor_leaves(module(*args)) for args in inputs]
 
 
+Exportable = torch.nn.Module | torch.export.ExportedProgram
+
+
+def _captured(model: Exportable, args: tuple, dynamic_shapes: Any) -> tuple[torch.export.ExportedProgram, torch.nn.Module]:
+    """The program to export and the module it is checked against. A program (``materialize``'s
+    capture) is taken as it is: capturing a model again costs seconds and gives the same graph."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model, model.module()
+    return torch.export.export(model, args, dynamic_shapes=dynamic_shapes, strict=False), model
+
+
 def _ort_session(path: Path, provider: str):
     import onnxruntime as ort
 
@@ -113,7 +124,7 @@ def _weight_bytes(module: torch.nn.Module) -> int:
 
 
 def export_onnx(
-    module: torch.nn.Module,
+    model: Exportable,
     example_inputs: tuple,
     path: str | os.PathLike,
     *,
@@ -124,10 +135,11 @@ def export_onnx(
     provider: str = "cpu",
     opset_version: int | None = None,
 ) -> ExportReport:
-    """Export ``module`` with ``torch.onnx.export(dynamo=True)`` and check it in onnxruntime.
+    """Export ``model`` with ``torch.onnx.export(dynamo=True)`` and check it in onnxruntime.
 
-    Shapes are those of ``example_inputs`` unless ``dynamic_shapes`` (as for torch.export) frees
-    some; ``extra_inputs`` are further argument tuples to check, of other sizes along the dynamic
+    ``model`` is a module, captured here, or an ExportedProgram, exported as it is (its own
+    dynamic dims; ``dynamic_shapes`` is then unused). Shapes are those of ``example_inputs``
+    unless ``dynamic_shapes`` (as for torch.export) frees some; ``extra_inputs`` are further argument tuples to check, of other sizes along the dynamic
     dims if there are any. Parity: for every output, max|ort − torch| ≤ atol + rtol·max|torch|.
     Models with more than 1 GiB of weights keep them in ``<name>.data`` beside the file; the side
     file's name is written into the model, so the pair is staged under its final names in a
@@ -137,8 +149,8 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cases = [tuple(example_inputs), *map(tuple, extra_inputs)]
+    program, module = _captured(model, cases[0], dynamic_shapes)
     want = _reference(module, cases)
-    program = torch.export.export(module, cases[0], dynamic_shapes=dynamic_shapes, strict=False)
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         staged = stage / path.name
@@ -167,7 +179,7 @@ def export_onnx(
 
 
 def save_program(
-    module: torch.nn.Module,
+    model: Exportable,
     example_inputs: tuple,
     path: str | os.PathLike,
     *,
@@ -175,11 +187,12 @@ def save_program(
     atol: float = 1e-6,
     rtol: float = 1e-5,
 ) -> ExportReport:
-    """``torch.export.save`` of ``module``; the file is loaded back and run before it is kept."""
+    """``torch.export.save`` of ``model`` (a module, captured here, or an ExportedProgram, saved
+    as it is); the file is loaded back and run before it is kept."""
     t0 = time.perf_counter()
     args = tuple(example_inputs)
+    program, module = _captured(model, args, dynamic_shapes)
     want = _reference(module, [args])[0]
-    program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
     with atomic_path(path) as tmp:
         torch.export.save(program, tmp)
         loaded = torch.export.load(tmp).module()

@@ -6,7 +6,10 @@ that writes them, so neither of those has to import the other (docs/design.md, "
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,25 @@ def check_budget(value: float, flag: str) -> float:
             "a latency budget must be a finite number of milliseconds above 0"
         raise OsscarError(f"{flag} {value:g}: {what}")
     return value
+
+
+class Stages:
+    """Seconds spent per stage of a job (summed over budgets and attempts): the log's last line
+    and the report's ``stage_seconds`` say where a job's time went."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {s:.0f} s" for name, s in self.seconds.items())
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,7 @@ class Prepared:
     table: LatencyTable
     target: Target  # compiled for the model's example inputs
     settings: MeasureSettings  # how the table was and every model is timed
+    stages: Stages = field(default_factory=Stages)
     scorer: Scorer | None = None  # built on first use: it memoises solves across budgets
 
 

@@ -29,7 +29,7 @@ from osscar_export.atomic import DestinationExists, atomic_dir, sweep_staging
 from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import InfeasibleBudgetError, OsscarError
 from osscar_export.export import export_onnx, save_program
-from osscar_export.job import BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, check_budget, meets_budget, samples
+from osscar_export.job import BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, Stages, check_budget, meets_budget, samples
 from osscar_export.latency.build import measure_latency
 from osscar_export.latency.table import LatencyTable, lookup_dirs
 from osscar_export.latency.timing import CLOCKS, MeasureSettings, Timing, measure
@@ -134,11 +134,14 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     """Load → structures → calibration → Grams → error curves → latency table (all cached)."""
     torch.manual_seed(cfg.seed)
     target: Target = get_target(cfg.target, threads=cfg.threads)
+    stages = Stages()
 
     log(f"loading {cfg.model}")
-    loaded = load_model(cfg.model, seq_len=cfg.seq_len, batch=cfg.batch, image_size=cfg.image_size)
+    with stages("load"):
+        loaded = load_model(cfg.model, seq_len=cfg.seq_len, batch=cfg.batch, image_size=cfg.image_size)
     log("capturing the graph and finding structures")
-    plan = find_structures(loaded.model, loaded.example_inputs)
+    with stages("capture"):
+        plan = find_structures(loaded.model, loaded.example_inputs)
     log(f"{len(plan.groups)} groups, {plan.structures} structures, {len(plan.blocked)} dims blocked")
     if not plan.groups:
         raise OsscarError(f"{cfg.model}: no prunable structures found; run `osscar-export inspect {cfg.model}` to see why")
@@ -148,24 +151,28 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     scores = cfg.search or cfg.mode == "best"
     n_score = task.n_score if scores else 0
     source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
-    calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
+    with stages("calibration data"):
+        calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
     if scores and not held_out:
         log(f"warning: only {len(calibration)} calibration batches, too few to hold any out; the allocation "
             "search and the choice of mode score on the calibration data, which favours over-fitted models")
     work = cache.run_dir(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
-    grams = cache.grams(plan, calibration, work, log)
+    with stages("calibrate"):
+        grams = cache.grams(plan, calibration, work, log)
     log(f"error curves at {cfg.levels} widths per group")
-    curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves")
+    with stages("error curves"):
+        curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves")
 
     settings = measure_settings(cfg.clock, target)
-    log(f"measuring the latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
-    table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
-                            cache_dir=lookup_dirs(cfg.tables), log=log)
+    log(f"latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
+    with stages("latency table"):
+        table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
+                                cache_dir=lookup_dirs(cfg.tables), log=log)
     fastest = min_latency_ms(curves, table)
     log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
     return Prepared(loaded, task, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table,
-                    target.for_inputs(loaded.example_inputs), settings)
+                    target.for_inputs(loaded.example_inputs), settings, stages)
 
 
 def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:
@@ -230,7 +237,7 @@ def _timings(runnable: Runnable, inputs: tuple, settings: MeasureSettings, budge
         log(f"[{label}] measured {timings[0].ms:.2f} ms, over the budget {budget_ms:.2f} ms: timing it again")
         timings.append(measure(runnable, inputs, settings))
     best = min(timings, key=lambda t: t.ms)
-    log(f"[{label}] measured {best.ms:.2f} ms{' (noisy)' if best.noisy else ''} vs budget {budget_ms:.2f} ms")
+    log(f"[{label}] measured {best.ms:.2f} ms ({best.runs} timed runs{', noisy' if best.noisy else ''}) vs budget {budget_ms:.2f} ms")
     return timings
 
 
@@ -265,8 +272,10 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     loaded, plan, curves, table = prep.loaded, prep.plan, prep.curves, prep.table
 
     budgets = _budgets(cfg, table)
-    allocations = [(label, ms, *choose_allocation(prep, ms, cfg.search, log)) for label, ms in budgets]
-    explored = tradeoff(curves, table, points=24)
+    stages = prep.stages
+    with stages("allocate"):
+        allocations = [(label, ms, *choose_allocation(prep, ms, cfg.search, log)) for label, ms in budgets]
+        explored = tradeoff(curves, table, points=24)
 
     dense_module = plan.program.module()
     compiled_target = prep.target
@@ -279,25 +288,29 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
             kept: Attempt | None = None
             while True:
                 log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
-                result, mode, mode_losses = final_prune(prep, cfg, alloc.widths, log)
+                with stages("prune"):
+                    result, mode, mode_losses = final_prune(prep, cfg, alloc.widths, log)
                 log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
                 stage = time.perf_counter()
                 number = len(attempts) + 1
                 where = folder / f".attempt{number}"
                 where.mkdir()
-                onnx_report = export_onnx(result.model, loaded.example_inputs, where / "model.onnx")
-                pt2_report = save_program(result.model, loaded.example_inputs, where / "model.pt2")
+                with stages("export"):
+                    onnx_report = export_onnx(result.program, loaded.example_inputs, where / "model.onnx")
+                    pt2_report = save_program(result.program, loaded.example_inputs, where / "model.pt2")
                 log(f"[{label}] exported ONNX and .pt2 in {time.perf_counter() - stage:.0f} s; measuring")
                 timed = where / "model.onnx" if compiled_target.runs_onnx else result.model
-                timings = _timings(compiled_target.compile(timed, loaded.example_inputs), loaded.example_inputs,
-                                   prep.settings, budget, label, log)
+                with stages("measure"):
+                    timings = _timings(compiled_target.compile(timed, loaded.example_inputs), loaded.example_inputs,
+                                       prep.settings, budget, label, log)
                 fastest = min(timings, key=lambda t: t.ms)
                 built = Attempt(number, alloc, candidates, result, mode, mode_losses, where, {"onnx": onnx_report, "pt2": pt2_report},
                                 fastest.ms, fastest.noisy)
                 attempts.append({"predicted_ms": alloc.predicted_ms, "measured_ms": fastest.ms, "timings_ms": [t.ms for t in timings],
-                                 "meets_budget": meets_budget(fastest.ms, budget)})
+                                 "timed_runs": [t.runs for t in timings], "meets_budget": meets_budget(fastest.ms, budget)})
                 kept = _faster(built, kept)
-                retry = _tighter_allocation(prep, cfg, budget, alloc, fastest.ms, len(attempts), log)
+                with stages("allocate"):
+                    retry = _tighter_allocation(prep, cfg, budget, alloc, fastest.ms, len(attempts), log)
                 if retry is None:
                     break
                 alloc, candidates = retry
@@ -309,14 +322,16 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                     f"{100 * (kept.measured_ms / budget - 1):.1f}% over {budget:.2f} ms (tolerance {100 * BUDGET_TOLERANCE:g}%); "
                     "keeping it")
             stage = time.perf_counter()
-            quality = prep.task.quality(loaded, kept.result.model, dense_module, cfg.n_eval)
+            with stages("quality"):
+                quality = prep.task.quality(loaded, kept.result.model, dense_module, cfg.n_eval)
             log(f"[{label}] {quality} ({time.perf_counter() - stage:.0f} s)")
             outcomes.append(Outcome(label, budget, kept.allocation, kept.candidates, kept.result, kept.mode, kept.mode_losses,
                                     kept.measured_ms, kept.noisy, quality, kept.artifacts, attempts))
         write_report(staging, cfg=cfg, task=prep.task, plan=plan, table=table, target=compiled_target,
                      explored=explored, outcomes=outcomes, calibration_samples=samples(prep.calibration),
-                     held_out_samples=samples(prep.held_out), environment=_environment(), seconds=time.perf_counter() - t_start)
-    log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s")
+                     held_out_samples=samples(prep.held_out), environment=_environment(), seconds=time.perf_counter() - t_start,
+                     stage_seconds=stages.seconds)
+    log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s ({stages.summary()})")
     return outcomes
 
 

@@ -39,6 +39,7 @@ class PruneResult:
     """Everything ``prune`` decided, and the materialized model."""
 
     model: GraphModule  # physically smaller
+    program: torch.export.ExportedProgram  # its capture, which the exporters take as it is
     masks: dict[str, torch.Tensor]  # group name -> bool (count,)
     layer_losses: dict[str, float]  # consumer weight FQN -> ½‖X(W−Ŵ)‖² + ridge, on its own inputs
     weights: dict[str, torch.Tensor]  # consumer weight FQN -> re-fitted, dense layout, pruned rows zero
@@ -150,7 +151,7 @@ def prune(
         program=plan.program, plan=plan, batches=batches, grams=grams if dense else None,
     )
     out = run_passes([*passes, Solve(method, mode, counts, damp, progress), Materialize()], state).state
-    return PruneResult(out.model, out.masks, out.losses, out.weights, plan, blocked, time.perf_counter() - t0)
+    return PruneResult(out.model, out.program, out.masks, out.losses, out.weights, plan, blocked, time.perf_counter() - t0)
 
 
 def group_curve(

@@ -89,12 +89,14 @@ REPORT_SCHEMA: dict[str, Any] = {
             "predicted_ms": _MS,
             "measured_ms": _MS,
             "timings_ms": {"type": "array", "minItems": 1, "maxItems": 2, "items": _MS},
+            "timed_runs": {"type": "array", "minItems": 1, "maxItems": 2, "items": _COUNT},
             "meets_budget": {"type": "boolean"},
             "kept": {"type": "boolean"},
         })},
         "prune_seconds": {"type": "number", "minimum": 0},
         "versions": {"type": "object", "additionalProperties": {"type": "string"}},
         "job_seconds": {"type": "number", "minimum": 0},
+        "stage_seconds": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
     }),
 }
 
@@ -104,6 +106,7 @@ SUMMARY_SCHEMA: dict[str, Any] = {
     **_object({
         "model": {"type": "string"},
         "job_seconds": {"type": "number", "minimum": 0},
+        "stage_seconds": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
         "budgets_met": {"type": "boolean"},
         "models": {"type": "object", "minProperties": 2, "additionalProperties": _object(
             {k: REPORT_SCHEMA["properties"][k] for k in
@@ -239,7 +242,8 @@ def plot_tradeoff(path: Path, explored: Sequence[Allocation], chosen: Sequence[t
 
 def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePlan, table: LatencyTable,
                  target: Target, explored: Sequence[Allocation], outcomes: Sequence[Outcome],
-                 calibration_samples: int, held_out_samples: int, environment: Mapping[str, str], seconds: float) -> None:
+                 calibration_samples: int, held_out_samples: int, environment: Mapping[str, str], seconds: float,
+                 stage_seconds: Mapping[str, float]) -> None:
     """Write report.json / report.md per model and tradeoff.png (plus a family summary) into ``folder``."""
     reports = []
     for o in outcomes:
@@ -247,12 +251,13 @@ def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePla
         r = outcome_json(o, table=table, plan=plan, cfg=cfg, target=target, calibration_samples=calibration_samples,
                          held_out_samples=held_out_samples, environment=environment)
         r["job_seconds"] = seconds
+        r["stage_seconds"] = dict(stage_seconds)
         write_text(sub / "report.json", _dumps(r))
         write_text(sub / "report.md", _markdown(r, o.label, task.loss_name))
         reports.append((o.label, r))
     plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
     if len(outcomes) > 1:
-        summary = {"model": cfg.model, "job_seconds": seconds, "budgets_met": all(o.meets_budget for o in outcomes),
+        summary = {"model": cfg.model, "job_seconds": seconds, "stage_seconds": dict(stage_seconds), "budgets_met": all(o.meets_budget for o in outcomes),
                    "models": {label: {k: r[k] for k in SUMMARY_SCHEMA["properties"]["models"]["additionalProperties"]["properties"]}
                               for label, r in reports}}
         write_text(folder / "report.json", _dumps(summary))

@@ -87,10 +87,13 @@ def _as_module(model: torch.nn.Module | torch.export.ExportedProgram) -> torch.n
 
 
 def export_onnx_unchecked(model: torch.nn.Module | torch.export.ExportedProgram, inputs: Sequence[torch.Tensor], path: Path) -> Path:
-    """Export to ONNX with the dynamo exporter, without a parity check.
+    """Export to ONNX with the dynamo exporter, without a parity check or the ONNX optimizer.
 
-    Latency measurement exports dozens of region variants; their numerics do not matter, only
+    Latency measurement exports dozens of model variants; their numerics do not matter, only
     their cost, so the parity-checked exporter of ``osscar_export.export`` is not needed here.
+    An ExportedProgram is translated as it is (no second capture). The onnxscript optimizer
+    (``optimize=True``) is skipped: it takes 60% of SmolLM2's export time, and onnxruntime's own
+    graph optimizations make both files equally fast (docs/results.md, "Job speed").
     """
     if isinstance(model, torch.nn.Module):
         model = _as_module(model)
@@ -98,8 +101,21 @@ def export_onnx_unchecked(model: torch.nn.Module | torch.export.ExportedProgram,
         # modules from ExportedProgram.module() report training=True, but their behaviour was
         # fixed at capture; every other module was put in eval mode by _as_module.
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        torch.onnx.export(model, tuple(inputs), str(path), dynamo=True, verbose=False, external_data=False)
+        torch.onnx.export(model, tuple(inputs), str(path), dynamo=True, verbose=False, external_data=False,
+                          optimize=False)
     return path
+
+
+def _onnx_file(model: Compilable, inputs: Sequence[torch.Tensor], dtype: torch.dtype, folder: Path) -> tuple[Path, tuple]:
+    """An ONNX file of ``model`` in ``dtype`` and the inputs cast to match: the file itself, or an
+    export into ``folder``. A float32 ExportedProgram is exported without capturing it again."""
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model), tuple(inputs)
+    if isinstance(model, torch.export.ExportedProgram) and dtype == torch.float32:
+        exported, cast_inputs = model, tuple(inputs)
+    else:
+        exported, cast_inputs = _cast(_as_module(model), inputs, dtype)
+    return export_onnx_unchecked(exported, cast_inputs, folder / "model.onnx"), cast_inputs
 
 
 @dataclass(frozen=True)
@@ -252,9 +268,8 @@ class _OrtTarget(Target):
         """An onnxruntime session; a torch module is exported to ONNX in a temporary folder first."""
         if isinstance(model, (str, os.PathLike)):
             return OrtRunnable(self._session(model))
-        module, inputs = _cast(_as_module(model), example_inputs, self.torch_dtype)
         with tempfile.TemporaryDirectory(prefix="osscar-latency-") as tmp:
-            path = export_onnx_unchecked(module, inputs, Path(tmp) / "model.onnx")
+            path, _ = _onnx_file(model, example_inputs, self.torch_dtype, Path(tmp))
             return OrtRunnable(self._session(path))
 
 
@@ -350,12 +365,7 @@ class TensorRTTarget(Target):
 
         trt = self._trt()
         with tempfile.TemporaryDirectory(prefix="osscar-trt-") as tmp:
-            inputs = tuple(example_inputs)
-            if isinstance(model, (str, os.PathLike)):
-                onnx_path = Path(model)
-            else:
-                module, inputs = _cast(_as_module(model), example_inputs, self.torch_dtype)
-                onnx_path = export_onnx_unchecked(module, inputs, Path(tmp) / "model.onnx")
+            onnx_path, inputs = _onnx_file(model, example_inputs, self.torch_dtype, Path(tmp))
             engine_path = Path(tmp) / "model.engine"
             export_tensorrt(onnx_path, engine_path, inputs, fp16=self.dtype == "float16")
             engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(engine_path.read_bytes())

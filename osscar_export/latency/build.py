@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from osscar_export import cache
 from osscar_export.allocate import allocate
 from osscar_export.errors import PlanError
@@ -35,7 +37,7 @@ from osscar_export.latency.table import (
     table_path,
 )
 from osscar_export.latency.timing import MeasureSettings, Timing, measure
-from osscar_export.passes.materialize import materialize
+from osscar_export.passes.materialize import materialize_program
 from osscar_export.plan import StructureGroup, StructurePlan
 from osscar_export.targets import Target
 from osscar_export.widths import first_mask, width_grid
@@ -186,17 +188,21 @@ def measure_latency(
         groups[group.name] = signature
         return set(grid[group.name]) <= set(times.get(signature, {}))
 
-    for group, region in group_regions(plan, timed, log):
-        curve = times.setdefault(groups[group.name], {})
-        todo = [k for k in grid[group.name] if k not in curve]
-        log(f"measuring {group.name} in {region.path or '<root>'} at {len(todo)} widths")
-        for k in todo:
-            timing = _time_region(region, k, target, settings)
-            curve[k] = timing.ms
-            if timing.noisy:
-                noisy.append(f"{groups[group.name]}@{k}")
-            if store is not None:
-                store.write(lambda path: save_partial(path, key, asdict(settings), times, noisy), partial=True)
+    # groups whose region is already timed (an identical one, or a resumed build) pass in no time
+    with tqdm(total=len(plan.groups), desc="latency table: regions", unit="group", leave=False) as bar:
+        for group, region in group_regions(plan, timed, log):
+            curve = times.setdefault(groups[group.name], {})
+            todo = [k for k in grid[group.name] if k not in curve]
+            log(f"measuring {group.name} in {region.path or '<root>'} at {len(todo)} widths")
+            for k in todo:
+                timing = _time_region(region, k, target, settings)
+                curve[k] = timing.ms
+                if timing.noisy:
+                    noisy.append(f"{groups[group.name]}@{k}")
+                if store is not None:
+                    store.write(lambda path: save_partial(path, key, asdict(settings), times, noisy), partial=True)
+            bar.update(len(groups) - bar.n)
+        bar.update(bar.total - bar.n)
     # a resumed build may hold widths an earlier grid asked for: keep exactly this grid's, as an
     # uninterrupted build would
     wanted: dict[str, set[int]] = {}
@@ -221,8 +227,8 @@ def measure_latency(
 def _time_region(region: Region, width: int, target: Target, settings: MeasureSettings) -> Timing:
     """The region with its group at ``width``; full width too goes through materialize, so every
     width compiles from the same path."""
-    module = materialize(region.module, region.plan, {region.group.name: first_mask(region.group.count, width)})
-    return measure(target.compile(module, region.inputs), region.inputs, settings)
+    program = materialize_program(region.module, region.plan, {region.group.name: first_mask(region.group.count, width)})
+    return measure(target.compile(program, region.inputs), region.inputs, settings)
 
 
 def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: MeasureSettings,
@@ -236,16 +242,18 @@ def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: Mea
     points = fit_plan(table)
     log(f"measuring {len(points)} allocations end to end ({', '.join(points)}) to fit the table")
     runnables = {}
-    for label, widths in points.items():
+    for label, widths in tqdm(points.items(), desc="latency table: building fit points", leave=False):
         keep = {g: first_mask(plan.group(g).count, k) for g, k in widths.items()}
-        model = materialize(plan.program.module(), plan, keep) if keep else plan.program
+        model = materialize_program(plan.program.module(), plan, keep) if keep else plan.program
         runnables[label] = target.compile(model, plan.example_inputs)
     best: dict[str, Timing] = {}
-    for _ in range(FIT_ROUNDS):
-        for label, runnable in runnables.items():
-            timing = measure(runnable, plan.example_inputs, settings)
-            if label not in best or timing.ms < best[label].ms:
-                best[label] = timing
+    with tqdm(total=FIT_ROUNDS * len(runnables), desc="latency table: timing fit points", leave=False) as bar:
+        for _ in range(FIT_ROUNDS):
+            for label, runnable in runnables.items():
+                timing = measure(runnable, plan.example_inputs, settings)
+                if label not in best or timing.ms < best[label].ms:
+                    best[label] = timing
+                bar.update()
     table.noisy = [n for n in table.noisy if n not in points] + [label for label in points if best[label].noisy]
     table.dense_ms = best["dense"].ms
     table.fit([FitPoint(label, widths, best[label].ms) for label, widths in points.items()])

@@ -8,7 +8,8 @@ Two views of one pruning decision (docs/design.md, "Materialize" and "Mask-equiv
   made by the same code.
 - ``materialize`` (the ``Materialize`` pass): the captured graph with producers, followers and
   consumer weights sliced and every shape constant rewritten, re-exported so that no node
-  carries a stale shape.
+  carries a stale shape. That capture is kept (``state.program``, ``materialize_program``):
+  the exporters and latency targets take it as it is instead of capturing the model again.
 
 Both validate the masks and re-fitted weights the same way. A group missing from ``masks`` is
 kept whole (callers prune a subset of groups without listing the rest); an unknown group name
@@ -303,14 +304,14 @@ def _output_shapes(graph: torch.fx.Graph) -> list[tuple[int | None, ...]]:
 class Materialize(Pass):
     """model + plan + masks (+ re-fitted weights) -> the physically smaller model.
 
-    Slices every tensor the removed structures own, rewrites shape constants and re-exports.
-    ``changed`` is True when a structure was removed or re-fitted weights were applied: both give
+    Slices every tensor the removed structures own, rewrites shape constants and re-exports;
+    ``program`` becomes that export and ``model`` its module. ``changed`` is True when a structure was removed or re-fitted weights were applied: both give
     a model that computes something else than the captured one.
     """
 
     name = "materialize"
     requires = ("model", "plan", "masks")
-    ensures = ("model",)
+    ensures = ("model", "program")
 
     def check_input(self, state: PruneState) -> None:
         plan = state.plan
@@ -354,13 +355,13 @@ class Materialize(Pass):
         args = tuple(plan.example_inputs)
         try:
             dims = _dynamic_shapes(plan.program, args)
-            small = torch.export.export(gm, args, dynamic_shapes=dims, strict=False).module()
+            program = torch.export.export(gm, args, dynamic_shapes=dims, strict=False)
         except Exception as e:  # any trace failure here means the plan left something stale
             raise PlanError(
                 f"the materialized graph does not re-export ({type(e).__name__}: {e}); a shape constant or "
                 "slice of the plan is missing or wrong"
             ) from e
-        return PassResult(state.replace(model=small), changed=bool(cuts) or bool(weights))
+        return PassResult(state.replace(model=program.module(), program=program), changed=bool(cuts) or bool(weights))
 
     def check_output(self, result: PassResult, state: PruneState) -> None:
         plan, small = state.plan, result.state.model
@@ -378,8 +379,13 @@ class Materialize(Pass):
             )
 
 
-def materialize(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> torch.fx.GraphModule:
-    """The physically smaller model: ``small(x) == apply_masks(model, plan, masks, weights)(x)``."""
+def materialize_program(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> torch.export.ExportedProgram:
+    """The physically smaller model as captured by ``Materialize``, ready for the exporters."""
     state = PruneState(model=model, example_inputs=tuple(plan.example_inputs), program=plan.program, plan=plan,
                        masks=masks, weights=weights)
-    return Materialize()(state).state.model
+    return Materialize()(state).state.program
+
+
+def materialize(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> torch.fx.GraphModule:
+    """The physically smaller model: ``small(x) == apply_masks(model, plan, masks, weights)(x)``."""
+    return materialize_program(model, plan, masks, weights).module()
