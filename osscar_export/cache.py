@@ -138,11 +138,16 @@ def _load_grams(path: Path, plan: StructurePlan) -> Grams:
     return Grams(xtx, rows, [tuple(b) for b in blocked])
 
 
+def gram_path(plan: StructurePlan, batches: Sequence[tuple], folder: Path) -> Path:
+    """Where the Gram matrices of ``batches`` are cached in ``folder``."""
+    return folder / f"grams-{gram_key(plan, batches)}.pt"
+
+
 def grams(plan: StructurePlan, batches: Sequence[tuple], folder: Path, log: Callable[[str], None]) -> Grams:
     """The dense Gram matrices of ``batches``: loaded from ``folder`` when ``gram_key`` matches
     and the file passes its checks (else it is discarded, see the module docstring), otherwise
     computed by ``calibrate`` and saved there."""
-    path = folder / f"grams-{gram_key(plan, batches)}.pt"
+    path = gram_path(plan, batches, folder)
     if path.exists():
         try:
             loaded = _load_grams(path, plan)
@@ -174,13 +179,17 @@ def _load_curve(path: Path, shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
     return arrays
 
 
+def file_stem(group: str) -> str:
+    """A group's name as the start of its error-curve file names."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", group)
+
+
 def error_curve(folder: str | Path, group: str, settings: Mapping[str, Any], tensors: Sequence[torch.Tensor],
                 compute: Callable[[], CurveArrays], shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
     """One group's error curve: loaded from its own ``.npz`` in ``folder`` when the problem
     (``settings`` and ``tensors``) matches and the file passes its checks (its digest, and the
     ``shapes`` of widths, losses and masks), else ``compute()``-d and saved there."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", group)
-    path = Path(folder) / f"{name}-{key('curves', settings, *tensors, length=16)}.npz"
+    path = Path(folder) / f"{file_stem(group)}-{key('curves', settings, *tensors, length=16)}.npz"
     if path.exists():
         try:
             return _load_curve(path, shapes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
@@ -89,6 +90,9 @@ def _job_parser() -> argparse.ArgumentParser:
                    "default: the user cache, $OSSCAR_CACHE/latency_tables. The tables shipped with osscar-export are read "
                    "too, from any working directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (groups; whether Grams, error curves and the latency table are cached, and why a "
+                   "table is stale; estimated time per stage) after one load and capture, and stop")
     return p
 
 
@@ -137,6 +141,8 @@ def run(argv: list[str], console: Console) -> int:
     )
     if not cfg.latency_ms and not cfg.speedup:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")
+    if args.dry_run:
+        return dry_run(cfg, console)
     outcomes = run_job(cfg, log=lambda msg: console.log(msg))
     summary = Table(title=f"{args.model} → {args.out}")
     for col in ("model", "budget ms", "predicted ms", "measured ms", "budget", "quality"):
@@ -153,6 +159,24 @@ def run(argv: list[str], console: Console) -> int:
                       f"{100 * (o.measured_ms / o.budget_ms - 1):.1f}% over its budget of {o.budget_ms:.3f} ms; "
                       f"it was written to {args.out} anyway (exit code {EXIT_BUDGET_MISSED})")
     return EXIT_BUDGET_MISSED if missed else EXIT_OK
+
+
+def dry_run(cfg, console: Console) -> int:
+    """Print what the job ``cfg`` would do, stage by stage, with estimated minutes."""
+    from osscar_export.dry_run import dry_run as plan_job
+
+    with console.status(f"loading and capturing {cfg.model}"):
+        plan, stages = plan_job(cfg)
+    kinds = Counter(g.kind for g in plan.groups)
+    console.print(f"{cfg.model}: {len(plan.groups)} groups ({', '.join(f'{n} {k}' for k, n in kinds.items())}), "
+                  f"{plan.structures} structures, {len(plan.blocked)} dims blocked")
+    table = Table(title=f"dry run: about {sum(s.seconds for s in stages) / 60:.0f} min in all (estimates)")
+    for col in ("stage", "what", "minutes"):
+        table.add_column(col, overflow="fold")
+    for s in stages:
+        table.add_row(s.stage, escape(s.status), f"{s.seconds / 60:.1f}")
+    console.print(table)
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

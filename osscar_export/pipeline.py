@@ -32,7 +32,7 @@ from osscar_export.export import export_onnx, save_program
 from osscar_export.job import BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, Stages, check_budget, meets_budget, samples
 from osscar_export.latency.build import measure_latency
 from osscar_export.latency.table import LatencyTable, lookup_dirs
-from osscar_export.latency.timing import CLOCKS, MeasureSettings, Timing, measure
+from osscar_export.latency.timing import MeasureSettings, Timing, measure, measure_settings
 from osscar_export.models import load_model
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
@@ -114,20 +114,6 @@ def _budgets(cfg: JobConfig, table: LatencyTable) -> list[tuple[str, float]]:
     if not budgets:
         raise OsscarError("give a budget: --latency-ms X [Y ...] or --speedup S [T ...]")
     return budgets
-
-
-def measure_settings(clock: str, target: Target) -> MeasureSettings:
-    """``auto`` picks the thread CPU-time clock where it measures everything (single-threaded CPU
-    targets): on a shared machine wall time swings with the other tenants' load, and a table
-    measured while the load changed has steps between adjacent widths, while thread time stays
-    steady (measured in docs/results.md). Elsewhere it is wall time."""
-    if clock == "auto":
-        clock = "thread" if target.runs_on_calling_thread() else "wall"
-    if clock not in CLOCKS:
-        raise OsscarError(f"clock must be auto, {' or '.join(sorted(CLOCKS))}; got {clock!r}")
-    if clock == "thread" and not target.runs_on_calling_thread():
-        raise OsscarError(f"--clock thread only measures single-threaded CPU targets, not {target.name} with {target.threads} thread(s)")
-    return MeasureSettings(clock=clock)
 
 
 def prepare(cfg: JobConfig, log: Log = print) -> Prepared:

@@ -37,6 +37,7 @@ from osscar_export.allocate import Allocation, Curves, allocate, group_losses, n
 from osscar_export.latency.table import LatencyTable
 from osscar_export.passes.base import Grams
 from osscar_export.plan import StructurePlan
+from osscar_export.passes.calibrate import GraphRunner, RunState
 from osscar_export.passes.materialize import zero_structures
 from osscar_export.passes.solve import GroupSolution, refit_group
 from osscar_export.prune import group_curve
@@ -140,6 +141,7 @@ class Scorer:
         self.damp, self.cache_dir = damp, cache_dir
         self.work = copy.deepcopy(plan.program.module())  # pruned in place per candidate, restored after
         self.dense_outputs = task.reference_outputs(self.work, self.batches)
+        self._tails: _Tails | None | bool = False  # built on the first one-group score; None: too large to keep
         self._supports: dict[str, dict[int, torch.Tensor]] = {}
         self._solutions: dict[tuple[str, int], GroupSolution] = {}
         self._scores: dict[tuple[tuple[str, int], ...], float] = {}
@@ -187,9 +189,68 @@ class Scorer:
     def __call__(self, widths: Mapping[str, int]) -> float:
         key = tuple(sorted((g, w) for g, w in widths.items() if w < self.plan.group(g).count))
         if key not in self._scores:
+            if len(key) == 1 and self._tails is False:
+                self._tails = _Tails.record(self.work, self.plan, self.batches)
             with self.model(dict(key)) as model:
+                if len(key) == 1 and self._tails is not None:
+                    model = self._tails.model(key[0][0])  # a one-group probe runs from the group on
                 self._scores[key] = self.task.end_to_end_loss(model, self.batches, self.dense_outputs)
         return self._scores[key]
+
+
+class _Tails:
+    """The dense forward paused before each group's first consumer, per scored batch.
+
+    A sensitivity probe prunes one group; everything the model computes before that group's
+    consumers is the dense model's, so a probe resumes the dense run there (``GraphRunner``,
+    which reads weights when they are used, so the probe's re-fit weights are seen) instead of
+    running the whole model: on a stack of layers, half of it on average. The paused states
+    hold the values still needed after their point, once per batch; when they would take more
+    than ``MAX_BYTES``, probes run the whole model instead.
+    """
+
+    MAX_BYTES = 2 << 30
+
+    def __init__(self, runner: GraphRunner, states: dict[str, list[RunState]], batches: Sequence[Batch]):
+        self.runner, self.states, self.batches = runner, states, batches
+
+    @classmethod
+    def record(cls, gm: nn.Module, plan: StructurePlan, batches: Sequence[Batch]) -> _Tails | None:
+        runner = GraphRunner(gm)
+        weights = {g.name: {c.weight for c in g.consumers} for g in plan.groups}
+        first_use = {}  # group -> position of the first node reading one of its consumer weights
+        for i, node in enumerate(runner.nodes):
+            if node.op == "get_attr":
+                for g, fqns in weights.items():
+                    if node.target in fqns:
+                        at = min(runner.pos[u.name] for u in node.users)
+                        first_use[g] = min(first_use.get(g, at), at)
+        if set(first_use) != set(weights):
+            return None  # a consumer weight the graph does not read by name: run whole models
+        cuts = sorted(set(first_use.values()))
+        states: dict[int, list[RunState]] = {c: [] for c in cuts}
+        held = 0
+        for batch in batches:
+            state = runner.start(batch)
+            for cut in cuts:
+                runner.advance(state, cut)
+                saved = runner.save(state)
+                held += sum(v.nbytes for v in saved.env.values() if isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter))
+                if held > cls.MAX_BYTES:
+                    return None
+                states[cut].append(saved)
+        return cls(runner, {g: states[c] for g, c in first_use.items()}, batches)
+
+    def model(self, group: str) -> Callable[..., object]:
+        """A stand-in for the model on the scored batches, resuming each at ``group``."""
+        paused = {id(b[0]): s for b, s in zip(self.batches, self.states[group])}
+
+        def run(*inputs: torch.Tensor) -> object:
+            state = self.runner.save(paused[id(inputs[0])])
+            self.runner.advance(state, len(self.runner.nodes))
+            return self.runner.output(state)
+
+        return run
 
 
 def search_allocation(curves: Curves, table: LatencyTable, budget_ms: float, kinds: Mapping[str, str],

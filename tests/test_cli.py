@@ -127,7 +127,7 @@ def test_inspect_lists_groups(tiny: dict[str, str], capsys: pytest.CaptureFixtur
 def test_clock_choice_follows_the_target() -> None:
     """Thread CPU time only where all work runs on the calling thread; a wrong choice is refused."""
     from osscar_export.errors import OsscarError
-    from osscar_export.pipeline import measure_settings
+    from osscar_export.latency.timing import measure_settings
     from osscar_export.targets import get_target
 
     one, four = get_target("ort-cpu", threads=1), get_target("ort-cpu", threads=4)

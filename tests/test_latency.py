@@ -206,6 +206,24 @@ def test_staleness_is_detected():
     assert "cores" in table.stale_reason({**fp, "cores": 16}, st, "m1")
     assert "threads" in table.stale_reason(fp, {**st, "threads": 4}, "m1")
     assert "model" in table.stale_reason(fp, st, "m2")
+    assert "warmup 5 in the table, 3 here" in table.stale_reason(fp, st, "m1", {"warmup": 3})
+
+
+def test_table_status_says_cached_stale_or_missing(tmp_path):
+    from osscar_export.latency.table import table_status
+
+    target = get_target("torch").for_inputs((torch.zeros(1, 16),))
+    here = sample_table(target.fingerprint(), target.settings())
+    found, status = table_status([tmp_path], target, "m1", here.measurement)
+    assert found is None and status.startswith("missing")
+    elsewhere = sample_table({**target.fingerprint(), "cpu": "Another CPU"}, target.settings())
+    elsewhere.save(tmp_path / "torch-other.json")
+    found, status = table_status([tmp_path], target, "m1", here.measurement)
+    assert found is None and status.startswith("stale") and "'Another CPU' in the table" in status
+    assert table_status([tmp_path], target, "m1", {"warmup": 1})[1].startswith("stale")
+    here.save(table_path(tmp_path, target, "m1"))
+    found, status = table_status([tmp_path], target, "m1", here.measurement)
+    assert found == table_path(tmp_path, target, "m1") and status.startswith("cached")
 
 
 def test_find_table_reuses_matching_and_skips_stale(tmp_path):

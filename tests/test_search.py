@@ -143,3 +143,32 @@ def test_scorer_builds_refitted_models_whose_loss_grows_as_widths_shrink():
     # the working copy is restored after each candidate and the captured program never changes
     assert scorer({group.name: group.count}) == pytest.approx(0.0, abs=1e-12)
     assert torch.equal(plan.program.state_dict["fc2.weight"], model.fc2.weight)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mobilenet_v2"])
+def test_one_group_probes_resume_the_dense_run_and_score_as_the_whole_model(family: str) -> None:
+    """A sensitivity probe starts from the dense run paused before its group (search._Tails):
+    the same loss as running the whole pruned model, on a stack of layers and on a CNN with
+    BatchNorm and residual branches."""
+    import models_zoo
+
+    torch.manual_seed(0)
+    model, inputs = getattr(models_zoo, family)()
+    model.eval()
+    if family == "llama_gqa":
+        batches = [(torch.randint(0, models_zoo.VOCAB, inputs[0].shape),) for _ in range(3)]
+        task = TASKS["causal-lm"]
+    else:
+        batches = [(torch.randn(inputs[0].shape),) for _ in range(3)]
+        task = TASKS["encoder"]
+    plan = find_structures(model, inputs)
+    grams = calibrate(plan, batches, progress=False)
+    curves = error_curves(plan, grams, [0.5, 1.0], progress=False)
+    resumed = Scorer(plan, grams, curves, batches, task=task)
+    whole = Scorer(plan, grams, curves, batches, task=task)
+    whole._tails = None  # no paused runs: every score runs the whole model
+    probes = {g: int(curves[g][0][0]) for g in list(curves)[:: max(1, len(curves) // 6)]}
+    for g, w in probes.items():
+        assert resumed({g: w}) == pytest.approx(whole({g: w}), rel=1e-5, abs=1e-9), g
+    assert resumed._tails is not None and len(resumed._tails.states) == len(plan.groups)
+    assert any(whole({g: w}) > whole({}) for g, w in probes.items())

@@ -35,6 +35,7 @@ from osscar_export.latency.table import (
     save_partial,
     table_key,
     table_path,
+    table_status,
 )
 from osscar_export.latency.timing import MeasureSettings, Timing, measure
 from osscar_export.passes.materialize import materialize_program
@@ -172,6 +173,9 @@ def measure_latency(
             log(f"latency table saved: {store.write(cached.save)}")
             return cached
 
+    if folders:
+        found, status = table_status(folders, target, model_sig, asdict(settings))
+        log(f"measuring a latency table: {status}" + (" (its widths or groups are not the ones asked for)" if found else ""))
     key = table_key(target.fingerprint(), target.settings(), model_sig)
     groups: dict[str, str] = {}
     times: dict[str, dict[int, float]] = {}

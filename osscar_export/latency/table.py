@@ -241,14 +241,16 @@ class LatencyTable:
         self.base_ms, self.scale = fit_line([(self.region_ms(p.widths), p.ms) for p in points])
         self.fit_points = list(points)
 
-    def stale_reason(self, fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str) -> str | None:
-        """Why this table does not apply to the given device/target/model, or None when it does."""
-        if dict(fingerprint) != self.fingerprint:
-            changed = sorted(k for k in set(fingerprint) | set(self.fingerprint) if fingerprint.get(k) != self.fingerprint.get(k))
-            return f"device/software fingerprint differs in {changed}"
-        if dict(settings) != self.target:
-            changed = sorted(k for k in set(settings) | set(self.target) if settings.get(k) != self.target.get(k))
-            return f"target settings differ in {changed}"
+    def stale_reason(self, fingerprint: Mapping[str, Any], settings: Mapping[str, Any], model_signature: str,
+                     measurement: Mapping[str, Any] | None = None) -> str | None:
+        """Why this table does not apply to the given device/target/model (and ``measurement``
+        settings, when given), naming each difference with both values; None when it does."""
+        for what, here, there in (("the machine or software", fingerprint, self.fingerprint),
+                                  ("the target settings", settings, self.target),
+                                  ("the measurement settings", measurement, self.measurement)):
+            if here is not None and dict(here) != dict(there):
+                changed = sorted(k for k in set(here) | set(there) if here.get(k) != there.get(k))
+                return f"{what} differ: " + "; ".join(f"{k} {there.get(k)!r} in the table, {here.get(k)!r} here" for k in changed)
         if model_signature != self.model_signature:
             return "the model graph differs"
         return None
@@ -366,6 +368,32 @@ def find_table(directory: str | Path, target: Target, model_signature: str) -> L
     if table.stale_reason(target.fingerprint(), target.settings(), model_signature) is not None:
         return None
     return table
+
+
+def table_status(dirs: Sequence[str | Path], target: Target, model_signature: str,
+                 measurement: Mapping[str, Any]) -> tuple[Path | None, str]:
+    """The stored table of this model that applies here (None when none does) and, in words, why:
+    ``cached``, ``stale`` with what differs (another CPU, other software, other measurement
+    settings), or ``missing``. The job logs it before measuring; ``--dry-run`` prints it."""
+    stale = []
+    for d in dirs:
+        for path in sorted(Path(d).glob(f"{target.name}-*.json")):
+            if path.name.endswith(".partial.json"):
+                continue
+            try:
+                table = LatencyTable.load(path)
+            except LatencyTableError as e:
+                stale.append(f"{path} is unreadable ({e})")
+                continue
+            if table.model_signature != model_signature:
+                continue
+            why = table.stale_reason(target.fingerprint(), target.settings(), model_signature, measurement)
+            if why is None:
+                return path, f"cached: {path}"
+            stale.append(f"{path}: {why}")
+    if stale:
+        return None, "stale: " + " | ".join(stale)
+    return None, f"missing: no table of this model for {target.name} in {', '.join(map(str, dirs))}"
 
 
 def save_partial(path: Path, key: str, measurement: Mapping[str, Any], times: Mapping[str, Mapping[int, float]],

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from osscar_export.targets import Runnable
+from osscar_export.errors import OsscarError
+from osscar_export.targets import Runnable, Target
 
 CLOCKS: dict[str, Callable[[], int]] = {"wall": time.perf_counter_ns, "thread": time.thread_time_ns}
 
@@ -130,3 +131,17 @@ def measure(
             return dataclasses.replace(t, attempts=attempt)
         tries.append(t)
     return dataclasses.replace(min(tries, key=lambda t: t.ms), attempts=len(tries))
+
+
+def measure_settings(clock: str, target: Target) -> MeasureSettings:
+    """``auto`` picks the thread CPU-time clock where it measures everything (single-threaded CPU
+    targets): on a shared machine wall time swings with the other tenants' load, and a table
+    measured while the load changed has steps between adjacent widths, while thread time stays
+    steady (measured in docs/results.md). Elsewhere it is wall time."""
+    if clock == "auto":
+        clock = "thread" if target.runs_on_calling_thread() else "wall"
+    if clock not in CLOCKS:
+        raise OsscarError(f"clock must be auto, {' or '.join(sorted(CLOCKS))}; got {clock!r}")
+    if clock == "thread" and not target.runs_on_calling_thread():
+        raise OsscarError(f"--clock thread only measures single-threaded CPU targets, not {target.name} with {target.threads} thread(s)")
+    return MeasureSettings(clock=clock)

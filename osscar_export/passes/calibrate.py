@@ -260,6 +260,13 @@ class GraphRunner:
         state.pos = stop
         return state
 
+    def output(self, state: RunState) -> object:
+        """The model's output from a state advanced to the end, structured as ``gm(...)`` returns it."""
+        node = self.nodes[-1]
+        flat = [state.env[n] if isinstance(n, Node) else n for n in pytree.tree_leaves(node.args[0])]
+        spec = getattr(self.gm, "_out_spec", None)
+        return pytree.tree_unflatten(flat, spec) if spec is not None else flat[0] if len(flat) == 1 else tuple(flat)
+
 
 class _Accumulator:
     """Adds each visited consumer's ``XᵀX`` into float64 sums keyed by weight FQN.

@@ -1,0 +1,103 @@
+"""``osscar-export MODEL ... --dry-run``: what the job would do, and roughly for how long.
+
+It loads and captures the model once and finds its structures; nothing is calibrated, solved,
+exported or timed. What each stage would cost comes from what is cached (Gram matrices, error
+curves, the latency table: cached, stale and why, or missing) and from one forward pass of the
+model, scaled by the work each stage does (``COST``). The constants were fitted to the cold
+SmolLM2-135M run on the 2-core development machine (docs/results.md, "Job speed"): the estimate
+is a guide to the order of magnitude, not a promise.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from osscar_export import cache
+from osscar_export.calibration_data import calibration_split
+from osscar_export.job import JobConfig
+from osscar_export.latency.table import graph_signature, lookup_dirs, table_status
+from osscar_export.latency.timing import measure_settings
+from osscar_export.models import load_model
+from osscar_export.passes.structures import find_structures
+from osscar_export.plan import StructurePlan
+from osscar_export.targets import get_target
+from osscar_export.tasks import TASKS
+
+# Seconds of each stage in units of what drives it: forward passes of the dense model (``fwd``),
+# millions of parameters (``mparams``, for exports) or fixed seconds.
+COST = {
+    "calibrate_fwd": 3.0,  # per calibration sample: forward with hooks, Gram accumulation
+    "curve_s": 1.5,  # per group and width level, solver time at SmolLM2's layer sizes
+    "region_s": 4.0,  # per distinct region and width: export, session, timing
+    "export_s_per_mparam": 0.12,  # ONNX translation of a model, per million parameters
+    "timing_s": 4.0,  # one measurement: warm-up, ~2 s of timed runs, reference loops
+    "probe_fwd": 1.2,  # per held-out sample and sensitivity probe or candidate
+}
+FIT_POINTS = 5  # end-to-end allocations of a fresh table (latency.build.fit_plan)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One stage of the job: what it will do and the estimated seconds (0 when cached)."""
+
+    stage: str
+    status: str
+    seconds: float
+
+
+def _region_kinds(plan: StructurePlan) -> int:
+    """Distinct regions to time: groups with equal kinds, counts and consumer shapes are
+    identical layers of a stack, timed once (``latency.regions``)."""
+    shapes = plan.program.state_dict
+    return len({(g.kind, g.count, tuple(tuple(shapes[c.weight].shape) for c in g.consumers if c.weight in shapes))
+                for g in plan.groups})
+
+
+def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
+    """The plan of the job ``cfg`` describes, stage by stage, without running it."""
+    target = get_target(cfg.target, threads=cfg.threads)
+    loaded = load_model(cfg.model, seq_len=cfg.seq_len, batch=cfg.batch, image_size=cfg.image_size)
+    plan = find_structures(loaded.model, loaded.example_inputs)
+    task = TASKS[loaded.task]
+    n_calib = cfg.n_calib or task.n_calib
+    n_score = task.n_score if cfg.search or cfg.mode == "best" else 0
+    source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
+    calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
+    with torch.no_grad():  # one forward: the unit of most stages' cost
+        t0 = time.perf_counter()
+        loaded.model(*loaded.example_inputs)
+        fwd = time.perf_counter() - t0
+    mparams = sum(t.numel() for t in plan.program.state_dict.values()) / 1e6
+    export_s = COST["export_s_per_mparam"] * mparams
+    batch = loaded.example_inputs[0].shape[0]
+
+    work = cache.run_dir(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)
+    grams_cached = cache.gram_path(plan, calibration, work).exists()
+    curves = work / "curves"
+    cached_curves = {g.name for g in plan.groups if curves.is_dir() and any(curves.glob(f"{cache.file_stem(g.name)}-*.npz"))}
+    settings = measure_settings(cfg.clock, target)
+    found, table = table_status(lookup_dirs(cfg.tables), target.for_inputs(loaded.example_inputs),
+                                graph_signature(plan.program), asdict(settings))
+    budgets = len(cfg.latency_ms) + len(cfg.speedup)
+    modes = 2 if cfg.mode == "best" else 1
+    held = len(held_out) * batch or len(calibration) * batch
+    stages = [
+        StagePlan("calibrate", f"Gram matrices {'cached' if grams_cached else 'to compute'} from {len(calibration) * batch} "
+                  f"samples of {source}", 0.0 if grams_cached else COST["calibrate_fwd"] * len(calibration) * batch * fwd),
+        StagePlan("error curves", f"{len(cached_curves)} of {len(plan.groups)} groups cached, {cfg.levels} widths each",
+                  COST["curve_s"] * cfg.levels * (len(plan.groups) - len(cached_curves))),
+        StagePlan("latency table", table, 0.0 if found else
+                  COST["region_s"] * _region_kinds(plan) * cfg.levels + FIT_POINTS * (export_s + 2 * COST["timing_s"])),
+        StagePlan("allocate", f"{budgets} budget(s), " + ("sensitivity probes and candidates scored on "
+                  f"{held} held-out samples" if cfg.search else "knapsack only"),
+                  budgets * (len(plan.groups) + 6) * held * COST["probe_fwd"] * fwd if cfg.search else 0.0),
+        StagePlan("prune", f"{budgets} model(s), mode {cfg.mode}",
+                  budgets * modes * COST["calibrate_fwd"] * len(calibration) * batch * fwd),
+        StagePlan("export", "ONNX and .pt2 per model, each checked", budgets * (2 * export_s + COST["timing_s"])),
+        StagePlan("measure", "each model timed (twice when over its budget)", budgets * COST["timing_s"]),
+        StagePlan("quality", f"{cfg.n_eval} held-out samples per model", budgets * 2 * cfg.n_eval * fwd),
+    ]
+    return plan, stages
