@@ -1,31 +1,27 @@
 """Materialize at the ONNX level: slice the dense model's ONNX instead of re-exporting each variant.
 
-``dense_onnx`` exports ``plan.program`` once with the dynamo exporter (``optimize=False``, so every
-integer the graph uses stays a ``Constant`` next to the nodes of the FX node it was translated
-from) and records how ONNX nodes relate to the plan's graph. ``slice_onnx`` then builds a pruned
-variant: initializers (named by their FQN) are cut like ``materialize`` cuts tensors, and every
-integer that pruning changes is rewritten.
+``dense_onnx`` exports ``plan.program`` once (dynamo exporter, ``optimize=False`` so every integer
+stays a ``Constant`` beside the nodes of the FX node it came from; onnxruntime folds them at load,
+and outputs and latency match the optimized export) and records where each ONNX node came from.
+``slice_onnx`` cuts the initializers (named by FQN) as ``materialize`` cuts tensors and rewrites
+every integer that pruning changes. How integers are found, and why that is reliable:
 
-Why the mapping is reliable:
-
-- The exporter decomposes ``plan.program`` first, which renames nodes (``reshape`` becomes
-  ``clone`` + ``_unsafe_view``, ``unflatten`` becomes ``view_1``) and *bakes sizes that the plan
-  never lists*: ``reshape(x, [1, -1, 8, 64])`` becomes ``view(x, [1, 9, 8, 64])``, ``flatten``
-  becomes ``view(x, [1, 1280])``. Names are therefore not matched; each decomposed node is tied
-  to the plan's FX node it came from by torch's ``from_node`` provenance, and each ONNX node to
-  its decomposed node by the exporter's ``pkg.torch.onnx.fx_node`` record.
-- New sizes are not guessed from values: the plan's graph is run on fake tensors with the sliced
-  weights and rewritten shape args (torch's own shape functions, ~0.3 s for SmolLM2), so every
-  view/reshape/expand takes the output shape the pruned model really has (``-1`` stays ``-1``).
-- Other shape args (conv ``groups``, split sizes, slice bounds) are located by value inside the
-  ONNX nodes of their own FX node only: a list argument must occur exactly once as a run of a
-  constant list (a 1-D constant, or a ``Concat`` of constants), a scalar must be the only one-element
-  constant or ``group`` attribute with its value.
+- Links, not names: the exporter first decomposes the program, which renames nodes (``reshape`` ->
+  ``clone`` + ``_unsafe_view``) and bakes sizes the plan never lists (``reshape(x, [1, -1, 8, 64])``
+  -> ``view(x, [1, 9, 8, 64])``, ``flatten`` -> ``view(x, [1, 1280])``). Each decomposed node is
+  tied to its node in the plan's graph by torch's ``from_node`` provenance, each ONNX node to its
+  decomposed node by the exporter's ``pkg.torch.onnx.fx_node`` record.
+- Sizes from torch: the plan's graph runs on fake tensors with the sliced weights and rewritten
+  shape args (well under a second for SmolLM2); a view/reshape/expand that ends an FX node gets
+  that node's pruned output shape (``-1`` kept).
+- Other shape args (conv ``groups``, split sizes, slice bounds) are found by value among the ONNX
+  nodes of their own FX node: a list must occur exactly once as a run of a constant list (a 1-D
+  constant or a ``Concat`` of constants), a scalar as exactly one one-element constant or ``group``.
 - Anything else fails closed with a ``PlanError`` (callers fall back to ``materialize``): no or
-  several matches, a view that is not its FX node's result, or a decomposition-made node carrying
-  an integer equal to a size that pruning changes.
+  several matches, a view that does not end its FX node, or any other node made by the
+  decomposition that holds a size pruning changes.
 
-The result passes ``onnx.checker`` and strict shape inference (run without the weights' data).
+The result must pass ``onnx.checker`` and strict shape inference (run without the weights' data).
 """
 
 from __future__ import annotations
@@ -63,6 +59,7 @@ _VIEWS = {"aten.view.default", "aten._unsafe_view.default", "aten.reshape.defaul
 _FX_NAME = re.compile(r"%(\w+) :")
 
 Shapes = dict[str, list[tuple[int, ...]]]  # FX node name -> shapes of its tensor outputs
+ArgEdits = dict[tuple[str, int | str, int | None], tuple[ShapeArg, int, int]]  # (node, arg, index) -> (sa, old, new)
 Slot = tuple[int, int, int]  # (ONNX node index, input position, element) or (node index, -1, 0): Conv group
 
 
@@ -84,13 +81,14 @@ def _ints(value: Any) -> list[int]:
     return [v for v in pytree.tree_leaves(value) if type(v) is int and v > 0]
 
 
-def _describe(node: torch.fx.Node, origin: torch.fx.Node, last: bool) -> dict[str, Any]:
-    """What slicing needs to know about one decomposed node."""
+def _describe(node: torch.fx.Node, origin: torch.fx.Node | None, last: bool) -> dict[str, Any]:
+    """What slicing needs to know about one decomposed node (``origin``: its node in the plan's graph,
+    None when provenance names none or several)."""
     size = None
     if str(node.target) in _VIEWS:
         size = [v if type(v) is int else None for v in node.args[1]]  # symbolic sizes: None
-    return {"origin": origin.name, "made": node.target != origin.target, "size": size, "last": last,
-            "ints": _ints((node.args, node.kwargs))}
+    return {"origin": origin and origin.name, "made": origin is None or node.target != origin.target, "size": size,
+            "last": last, "ints": _ints((node.args, node.kwargs))}
 
 
 def dense_onnx(plan: StructurePlan, path: str | os.PathLike | None = None) -> onnx.ModelProto:
@@ -99,17 +97,18 @@ def dense_onnx(plan: StructurePlan, path: str | os.PathLike | None = None) -> on
         warnings.simplefilter("ignore")
         program = torch.onnx.export(plan.program, tuple(plan.example_inputs), dynamo=True, optimize=False,
                                     verbose=False)
+    proto = program.model_proto
+    if len(proto.functions):
+        raise PlanError("the ONNX export has local functions (control flow); slice_onnx edits the main graph "
+                        "only, use materialize")
     pre = {n.name: n for n in plan.program.graph.nodes}
     decomposed = [n for n in program.exported_program.graph.nodes if n.op == "call_function"]
-    origin = {}
+    origin: dict[str, torch.fx.Node | None] = {}
     for n in decomposed:
         names = _origins(n.meta.get("from_node"), id(plan.program.graph))
-        if len(names) == 1:
-            origin[n.name] = pre[names.pop()]
-    last = {o.name: name for name, o in origin.items()}  # decomposed nodes are in graph order
-    info = {name: _describe(n, origin[name], last[origin[name].name] == name)
-            for n in decomposed if (name := n.name) in origin}
-    proto = program.model_proto
+        origin[n.name] = pre[names.pop()] if len(names) == 1 else None
+    ends = set({o.name: name for name, o in origin.items() if o is not None}.values())  # last made from each
+    info = {n.name: _describe(n, origin[n.name], n.name in ends) for n in decomposed}
     for node in proto.graph.node:
         fx = {p.key: p.value for p in node.metadata_props}.get("pkg.torch.onnx.fx_node", "")
         if (m := _FX_NAME.match(fx)) and m.group(1) in info:
@@ -156,11 +155,12 @@ def _captured_shapes(plan: StructurePlan) -> Shapes:
                      if isinstance(t, torch.Tensor)] for n in plan.program.graph.nodes if "val" in n.meta}
 
 
-def _run_shapes(plan: StructurePlan, tensors: dict[str, tuple[int, ...]], args: dict[str, SimpleNamespace]) -> Shapes:
-    """Output shapes of every node of the plan's graph with tensors of the given shapes."""
+def _run_shapes(plan: StructurePlan, tensors: dict[str, list[int]], args: dict[str, SimpleNamespace]) -> Shapes:
+    """Output shapes of every node of the plan's graph, run on the example inputs and fake
+    parameters, buffers and constants of the given shapes."""
     sig = plan.program.graph_signature
     fqn = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
-    user = iter(pytree.tree_leaves(plan.example_inputs))
+    user = iter([t for t in pytree.tree_leaves(plan.example_inputs) if isinstance(t, torch.Tensor)])
     with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True) as mode:
         inputs = []
         for n in plan.program.graph.nodes:
@@ -176,9 +176,9 @@ def _run_shapes(plan: StructurePlan, tensors: dict[str, tuple[int, ...]], args: 
     return interp.shapes
 
 
-def _pruned_args(plan: StructurePlan, masks: dict[str, torch.Tensor]) -> tuple[dict[str, SimpleNamespace], dict]:
-    """Rewritten arguments of the shape-arg nodes (materialize's own rewrite, on stand-ins), and the
-    changed shape args: (node, arg, index) -> (ShapeArg, old, new)."""
+def _pruned_args(plan: StructurePlan, masks: dict[str, torch.Tensor]) -> tuple[dict[str, SimpleNamespace], ArgEdits]:
+    """Rewritten arguments of the nodes whose shape args change (materialize's own rewrite, run on
+    stand-ins of the nodes), and those shape args."""
     nodes = {n.name: n for n in plan.program.graph.nodes}
     names = {sa.node for g in plan.groups for sa in g.shape_args}
     if missing := sorted(names - set(nodes)):
@@ -285,7 +285,7 @@ def _fx_info(model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
     return json.loads(raw)
 
 
-def _changed_sizes(plan: StructurePlan, dense: Shapes, new: Shapes, args: dict) -> dict[str, set[int]]:
+def _changed_sizes(plan: StructurePlan, dense: Shapes, new: Shapes, args: ArgEdits) -> dict[str, set[int]]:
     """Per FX node of the plan: dense sizes that pruning changes in its inputs, outputs and shape args."""
     out: dict[str, set[int]] = defaultdict(set)
     for (node, _, _), (_, old, _) in args.items():
@@ -297,12 +297,17 @@ def _changed_sizes(plan: StructurePlan, dense: Shapes, new: Shapes, args: dict) 
     return {k: v for k, v in out.items() if v}
 
 
-def _view_edits(g: _Graph, info: dict[str, dict[str, Any]], changed: dict[str, set[int]], new: Shapes) -> dict[Slot, int]:
+def _view_edits(g: _Graph, info: dict[str, dict[str, Any]], changed: dict[str, set[int]],
+                new: Shapes) -> dict[Slot, int]:
     """Views, reshapes and expands that end an FX node take its pruned output shape (``-1`` kept);
     any other node the decomposition made must not hold a size that pruning changes."""
     edits: dict[Slot, int] = {}
+    anywhere = set().union(*changed.values())
     for name, d in info.items():
         o = d["origin"]
+        if o is None and anywhere & set(d["ints"]):
+            raise PlanError(f"node {name!r} of the exported graph has no single origin in the plan's graph and "
+                            "holds a size that pruning changes; cannot slice at the ONNX level (use materialize)")
         if o not in changed:
             continue
         if d["size"] is not None and d["last"] and len(new[o]) == 1:
@@ -320,7 +325,7 @@ def _arg_value(node: torch.fx.Node, sa: ShapeArg) -> Any:
     return node.args[sa.arg] if isinstance(sa.arg, int) else node.kwargs[sa.arg]
 
 
-def _arg_edits(g: _Graph, info: dict[str, dict[str, Any]], plan: StructurePlan, args: dict) -> dict[Slot, int]:
+def _arg_edits(g: _Graph, info: dict[str, dict[str, Any]], plan: StructurePlan, args: ArgEdits) -> dict[Slot, int]:
     """Shape args of FX nodes that do not end in a view (conv groups, split sizes, slice bounds),
     found by value among the ONNX nodes translated from their node."""
     viewed = {d["origin"] for d in info.values() if d["size"] is not None and d["last"]}
@@ -348,19 +353,25 @@ def _arg_edits(g: _Graph, info: dict[str, dict[str, Any]], plan: StructurePlan, 
     return edits
 
 
-def _slice_initializers(graph: onnx.GraphProto, cuts: dict[tuple[str, int], torch.Tensor],
-                        shapes: dict[str, torch.Size]) -> None:
+def _check_initializers(graph: onnx.GraphProto, shapes: dict[str, torch.Size],
+                        cuts: dict[tuple[str, int], torch.Tensor]) -> None:
+    """The ONNX model holds the plan's tensors, as captured."""
+    dims = {t.name: tuple(t.dims) for t in graph.initializer}
+    for name, dim in dims.items():
+        if name in shapes and dim != tuple(shapes[name]):
+            raise PlanError(f"initializer {name!r} has shape {dim} but the plan captured {tuple(shapes[name])}: "
+                            "the ONNX model was exported for another plan")
+    if missing := sorted({fqn for fqn, _ in cuts} - set(dims)):
+        raise PlanError(f"tensors {missing[:3]} of the plan are not initializers of the ONNX model: it was "
+                        "exported for another plan")
+
+
+def _slice_initializers(graph: onnx.GraphProto, cuts: dict[tuple[str, int], torch.Tensor]) -> None:
     inits = {t.name: t for t in graph.initializer}
-    for name, t in inits.items():
-        if name in shapes and tuple(t.dims) != tuple(shapes[name]):
-            raise PlanError(f"initializer {name!r} has shape {tuple(t.dims)} but the plan captured "
-                            f"{tuple(shapes[name])}: the ONNX model was exported for another plan")
     per: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for (fqn, dim), idx in cuts.items():
         per[fqn].append((dim, idx))
     for fqn, dims in per.items():
-        if fqn not in inits:
-            raise PlanError(f"tensor {fqn!r} of the plan is not an initializer of the ONNX model")
         a = numpy_helper.to_array(inits[fqn])
         for dim, idx in dims:
             a = np.delete(a, idx.numpy(), axis=dim)
@@ -417,7 +428,9 @@ def _check(model: onnx.ModelProto) -> None:
     light.graph.name = model.graph.name
     light.graph.node.extend(model.graph.node)
     light.graph.input.extend(model.graph.input)
-    light.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims) for t in model.graph.initializer)
+    inputs = {i.name for i in model.graph.input}
+    light.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                             for t in model.graph.initializer if t.name not in inputs)
     light.graph.output.extend(model.graph.output)
     try:
         onnx.checker.check_model(light)
@@ -437,24 +450,22 @@ def slice_onnx(model: onnx.ModelProto, plan: StructurePlan, masks: Masks) -> onn
     shapes = _tensor_shapes(plan.program)
     _check_slices(plan, shapes)
     cuts = _cuts(plan, masks)
+    _check_initializers(model.graph, shapes, cuts)
     sliced = {k: list(v) for k, v in shapes.items()}
     for (fqn, dim), idx in cuts.items():
         sliced[fqn][dim] -= idx.numel()
     stand, args = _pruned_args(plan, masks)
     dense = _captured_shapes(plan)
     try:
-        new = _run_shapes(plan, {k: tuple(v) for k, v in sliced.items()}, stand)
+        new = _run_shapes(plan, sliced, stand)
     except Exception as e:  # a shape function refused the pruned sizes
         raise PlanError(f"the pruned graph does not run ({type(e).__name__}: {e}); a shape constant or slice "
                         "of the plan is missing or wrong") from e
-    g = _Graph.of(model.graph)
-    edits = _view_edits(g, info, _changed_sizes(plan, dense, new, args), new)
-    for slot, v in _arg_edits(g, info, plan, args).items():
-        if edits.setdefault(slot, v) != v:
-            raise PlanError("a shape arg and a view size map to the same ONNX integer with different values")
+    g = _Graph.of(model.graph)  # the two kinds of edits touch disjoint nodes: those of other FX nodes
+    edits = _view_edits(g, info, _changed_sizes(plan, dense, new, args), new) | _arg_edits(g, info, plan, args)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _slice_initializers(out.graph, cuts, shapes)
+    _slice_initializers(out.graph, cuts)
     _apply(out.graph, g, edits)
     del out.graph.value_info[:]  # the dense shapes; stale now
     _check(out)

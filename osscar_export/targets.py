@@ -165,6 +165,12 @@ class Target:
     def compile(self, model: Compilable, example_inputs: Sequence[torch.Tensor]) -> Runnable:
         raise NotImplementedError
 
+    def artifact(self, model: Compilable, example_inputs: Sequence[torch.Tensor], folder: Path) -> Compilable:
+        """What ``compile`` takes, made once: a runtime with a file format (ONNX) gets the file,
+        written into ``folder``, so a model can be compiled again later without exporting it
+        again; others get the model itself."""
+        return model
+
 
 # --------------------------------------------------------------------------------------------
 # onnxruntime
@@ -264,6 +270,9 @@ class _OrtTarget(Target):
             fp["gpu"] = torch.cuda.get_device_name(0)
         return fp
 
+    def artifact(self, model: Compilable, example_inputs: Sequence[torch.Tensor], folder: Path) -> Compilable:
+        return _onnx_file(model, example_inputs, self.torch_dtype, folder)[0]
+
     def compile(self, model: Compilable, example_inputs: Sequence[torch.Tensor]) -> OrtRunnable:
         """An onnxruntime session; a torch module is exported to ONNX in a temporary folder first."""
         if isinstance(model, (str, os.PathLike)):
@@ -357,6 +366,9 @@ class TensorRTTarget(Target):
         fp = _host_fingerprint()
         fp.update(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
         return fp
+
+    def artifact(self, model: Compilable, example_inputs: Sequence[torch.Tensor], folder: Path) -> Compilable:
+        return _onnx_file(model, example_inputs, self.torch_dtype, folder)[0]
 
     def compile(self, model: Compilable, example_inputs: Sequence[torch.Tensor]) -> TrtRunnable:
         """An engine built (and parity-checked) by ``export_tensorrt`` from ONNX; a torch module is

@@ -12,7 +12,7 @@ from torch import nn
 
 from osscar_export.errors import CalibrationDataError, PlanError
 from osscar_export.passes.base import PruneState
-from osscar_export.passes.calibrate import Calibrate, SequentialCalibrator, blocked_groups, calibrate, check_batches
+from osscar_export.passes.calibrate import BLOCK, Calibrate, SequentialCalibrator, blocked_groups, calibrate, check_batches
 from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, StructurePlan
 
 
@@ -89,9 +89,12 @@ def conv_plan(depthwise_consumer: bool = False) -> tuple[ConvNet, StructurePlan]
     return model, StructurePlan(ep, example, groups)
 
 
-def test_linear_gram_is_xtx_over_all_tokens():
+@pytest.mark.parametrize("n_batches", [3, 2 * BLOCK + 3])
+def test_linear_gram_is_xtx_over_all_tokens(n_batches: int):
+    """Streaming accumulation (float32 blocks of BLOCK batches added into float64) gives the Gram
+    of all rows at once, also across several blocks and a partial last one."""
     model, plan = mlp3_plan()
-    batches = [torch.randn(5, 3, 6) for _ in range(3)]
+    batches = [torch.randn(5, 3, 6) for _ in range(n_batches)]
     result = Calibrate(progress=False)(PruneState(plan=plan, batches=batches))
     assert not result.changed  # calibrate analyses, it never alters the model
     grams = result.state.grams
@@ -99,7 +102,7 @@ def test_linear_gram_is_xtx_over_all_tokens():
     x2 = torch.cat([torch.relu(model.fc2(torch.relu(model.fc1(b)))).reshape(-1, 7) for b in batches]).double()
     torch.testing.assert_close(grams.xtx["fc2.weight"], x1.T @ x1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grams.xtx["fc3.weight"], x2.T @ x2, rtol=1e-5, atol=1e-5)
-    assert grams.rows == {"fc2.weight": 45, "fc3.weight": 45}
+    assert grams.rows == {"fc2.weight": 15 * n_batches, "fc3.weight": 15 * n_batches}
     assert grams.xtx["fc2.weight"].dtype == torch.float64
 
 

@@ -203,6 +203,7 @@ def counting_machine(monkeypatch):
     calls: list[int] = []
     target_type = type(get_target("ort-cpu"))
     monkeypatch.setattr(target_type, "compile", lambda self, model, inputs: Sized(model))
+    monkeypatch.setattr(target_type, "artifact", lambda self, model, inputs, folder: model)
 
     def measure(runnable, inputs, settings=MeasureSettings()):
         calls.append(runnable.params)

@@ -142,6 +142,10 @@ def test_eval_budget(budget_run: dict[str, Any]) -> None:
     assert len(result["points"]) == 2
     assert all(finite(p["predicted_ms"]) and p["measured_ms"] > 0 and finite(p["error"]) for p in result["points"])
     assert result["mape"] == pytest.approx(sum(abs(p["error"]) for p in result["points"]) / 2)
+    # the fit refitted on its first 1, 2, ... end-to-end points: the full fit is the table's own
+    ablation = result["fit_ablation"]
+    assert ablation[0]["points"] == ["dense"] and all(finite(r["mape"]) and r["worst"] >= r["mape"] for r in ablation)
+    assert ablation[-1]["mape"] == pytest.approx(result["mape"], rel=1e-6)
     last = json.loads(budget_run["proc"].stdout.strip().splitlines()[-1])
     assert set(last) == {"model", "dense_ms", "mape", "seconds"}
     assert (budget_run["work"] / "uniform-1.2x" / "model.onnx").stat().st_size > 0
@@ -238,3 +242,19 @@ def test_probe_refuses_bad_input_before_any_work(tmp_path: Path) -> None:
     rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("│ --")]  # a case's first line
     assert len(rows) == 9 and all("│ 2 " in r and "error:" in r for r in rows), proc.stdout
     assert "Traceback" not in proc.stdout
+
+
+def test_standin_llm(tmp_path: Path) -> None:
+    """The large-vocabulary stand-in LM: a Hugging Face folder the job loads, with a tokenizer."""
+    from transformers import AutoConfig
+
+    from osscar_export.models import load_model
+
+    out = tmp_path / "standin"
+    run_tool("standin_llm.py", "--out", out, "--hidden", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+             "--head-dim", "32", "--ffn", "64", "--vocab", "50000", tmp=tmp_path)
+    config = AutoConfig.from_pretrained(out)
+    assert (config.vocab_size, config.num_hidden_layers, config.num_key_value_heads) == (50000, 1, 1)
+    loaded = load_model(str(out), seq_len=8, batch=1, image_size=None)
+    assert loaded.task == "causal-lm" and loaded.tokenizer is not None
+    assert loaded.model(*loaded.example_inputs).shape == (1, 8, 50000)

@@ -256,10 +256,24 @@ def points(args: argparse.Namespace, prep: Prepared, log: Log) -> list[dict[str,
         runnable = timer.compile(materialized(prep, a.widths))
         ms, noisy = timer.ms(runnable)
         rows.append({"budget_ms": a.budget_ms, "predicted_ms": a.predicted_ms, "measured_ms": ms, "noisy": noisy,
-                     "error": (a.predicted_ms - ms) / ms, "kept_structures": sum(a.widths.values())})
+                     "error": (a.predicted_ms - ms) / ms, "kept_structures": sum(a.widths.values()), "widths": a.widths})
         log(f"point {i + 1}/{args.points}: predicted {a.predicted_ms:.2f} ms, measured {ms:.2f} ms "
             f"({time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def fit_ablation(table: LatencyTable, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MAPE over ``rows`` when the table's line is fitted to its first k fit points only (the
+    dense model first, then the fastest, then the mid points): how many end-to-end points the
+    fit needs. Refits a copy; the table itself is untouched."""
+    out = []
+    for k in range(1, len(table.fit_points) + 1):
+        trial = dataclasses.replace(table)
+        trial.fit(table.fit_points[:k])
+        errors = [abs(trial.predict(r["widths"]) - r["measured_ms"]) / r["measured_ms"] for r in rows]
+        out.append({"points": [p.label for p in table.fit_points[:k]], "mape": float(np.mean(errors)),
+                    "worst": float(np.max(errors))})
+    return out
 
 
 # ------------------------------------------------------------------------------ output
@@ -329,6 +343,13 @@ def main() -> None:
         result["points"] = points(args, prep, log)
         result["mape"] = float(np.mean([abs(r["error"]) for r in result["points"]]))
         console.print(points_table(result["points"]))
+        result["fit_ablation"] = fit_ablation(prep.table, result["points"])
+        t = Table(title="prediction error by the end-to-end points the fit uses")
+        for col in ("fit points", "MAPE", "worst"):
+            t.add_column(col)
+        for r in result["fit_ablation"]:
+            t.add_row(", ".join(r["points"]), f"{100 * r['mape']:.1f}%", f"{100 * r['worst']:.1f}%")
+        console.print(t)
     result["seconds"] = time.perf_counter() - t0
     if args.json:
         write_text(args.json, json.dumps(result, indent=2, default=float))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -239,25 +240,31 @@ def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: Mea
          log: Callable[[str], None]) -> None:
     """Time the table's ``fit_plan`` end to end and fit ``base``/``scale`` to it.
 
-    Each allocation is compiled once (first-structure masks: which structures are kept does not
-    change a latency) and all are timed in ``FIT_ROUNDS`` interleaved rounds, keeping each one's
-    fastest: load that comes and goes then slows every point alike instead of one of them.
+    Each allocation is built once (first-structure masks: which structures are kept does not
+    change a latency) into the target's artifact (``Target.artifact``: an ONNX file on disk) and
+    all are timed in ``FIT_ROUNDS`` interleaved rounds, keeping each one's fastest: load that
+    comes and goes then slows every point alike instead of one of them. Each timing compiles its
+    artifact afresh, so one compiled model is in memory at a time, not five (a 256k-token
+    vocabulary makes each onnxruntime session over a gigabyte).
     """
     points = fit_plan(table)
     log(f"measuring {len(points)} allocations end to end ({', '.join(points)}) to fit the table")
-    runnables = {}
-    for label, widths in tqdm(points.items(), desc="latency table: building fit points", leave=False):
-        keep = {g: first_mask(plan.group(g).count, k) for g, k in widths.items()}
-        model = materialize_program(plan.program.module(), plan, keep) if keep else plan.program
-        runnables[label] = target.compile(model, plan.example_inputs)
     best: dict[str, Timing] = {}
-    with tqdm(total=FIT_ROUNDS * len(runnables), desc="latency table: timing fit points", leave=False) as bar:
-        for _ in range(FIT_ROUNDS):
-            for label, runnable in runnables.items():
-                timing = measure(runnable, plan.example_inputs, settings)
-                if label not in best or timing.ms < best[label].ms:
-                    best[label] = timing
-                bar.update()
+    with tempfile.TemporaryDirectory(prefix="osscar-fit-") as tmp:
+        artifacts = {}
+        for label, widths in tqdm(points.items(), desc="latency table: building fit points", leave=False):
+            keep = {g: first_mask(plan.group(g).count, k) for g, k in widths.items()}
+            model = materialize_program(plan.program.module(), plan, keep) if keep else plan.program
+            folder = Path(tmp) / label
+            folder.mkdir()
+            artifacts[label] = target.artifact(model, plan.example_inputs, folder)
+        with tqdm(total=FIT_ROUNDS * len(artifacts), desc="latency table: timing fit points", leave=False) as bar:
+            for _ in range(FIT_ROUNDS):
+                for label, artifact in artifacts.items():
+                    timing = measure(target.compile(artifact, plan.example_inputs), plan.example_inputs, settings)
+                    if label not in best or timing.ms < best[label].ms:
+                        best[label] = timing
+                    bar.update()
     table.noisy = [n for n in table.noisy if n not in points] + [label for label in points if best[label].noisy]
     table.dense_ms = best["dense"].ms
     table.fit([FitPoint(label, widths, best[label].ms) for label, widths in points.items()])
