@@ -66,7 +66,8 @@ def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
     n_score = task.n_score if cfg.search or cfg.mode == "best" else 0
     source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
     calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
-    with torch.no_grad():  # one forward: the unit of most stages' cost
+    with torch.no_grad():  # one forward, after one to warm up: the unit of most stages' cost
+        loaded.model(*loaded.example_inputs)
         t0 = time.perf_counter()
         loaded.model(*loaded.example_inputs)
         fwd = time.perf_counter() - t0

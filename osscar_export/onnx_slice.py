@@ -132,7 +132,8 @@ class _Shapes(torch.fx.Interpreter):
 
     def __init__(self, gm: torch.fx.GraphModule, args: dict[str, SimpleNamespace]):
         super().__init__(gm)
-        self.args, self.shapes = args, {}
+        self.args = args
+        self.shapes: Shapes = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.name in self.args:
@@ -191,7 +192,8 @@ def _pruned_args(plan: StructurePlan, masks: dict[str, torch.Tensor]) -> tuple[d
             old, new = _shape_value(nodes[sa.node], sa), _shape_value(stand[sa.node], sa)
             if old != new:
                 changed[(sa.node, sa.arg, sa.index)] = (sa, old, new)
-    return {k: v for k, v in stand.items() if k in {key[0] for key in changed}}, changed
+    touched = {node for node, _, _ in changed}
+    return {k: v for k, v in stand.items() if k in touched}, changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,10 +416,9 @@ def _apply(graph: onnx.GraphProto, g: _Graph, edits: dict[Slot, int]) -> None:
     read = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
     nodes = []
     for i, node in enumerate(graph.node):
+        nodes += clones.get(i, [])
         if i not in producers or node.output[0] in read:
-            nodes += clones.get(i, []) + [node]
-        else:
-            nodes += clones.get(i, [])
+            nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
 

@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import onnx
+import torch
 from tqdm.auto import tqdm
 
 from osscar_export import cache
@@ -39,9 +41,10 @@ from osscar_export.latency.table import (
     table_status,
 )
 from osscar_export.latency.timing import MeasureSettings, Timing, measure
+from osscar_export.onnx_slice import dense_onnx, slice_onnx
 from osscar_export.passes.materialize import materialize_program
 from osscar_export.plan import StructureGroup, StructurePlan
-from osscar_export.targets import Target
+from osscar_export.targets import Compilable, Target
 from osscar_export.widths import first_mask, width_grid
 
 FIT_FRACTIONS = (0.25, 0.5, 0.75)  # mid points, between each group's fastest and full time
@@ -236,6 +239,36 @@ def _time_region(region: Region, width: int, target: Target, settings: MeasureSe
     return measure(target.compile(program, region.inputs), region.inputs, settings)
 
 
+def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Mapping[str, int]], folder: Path,
+                   log: Callable[[str], None]) -> dict[str, Compilable]:
+    """Each fit point's artifact, written under ``folder``. A float32 ONNX target gets the dense
+    ONNX sliced (``onnx_slice``: a second for SmolLM2, where a capture and an export take 20);
+    when the slicer cannot map something of the plan, it says why and the points are
+    materialized in torch and exported, as for every other target."""
+    dense = None
+    if target.runs_onnx and target.torch_dtype == torch.float32:
+        try:
+            dense = dense_onnx(plan)
+        except PlanError as e:
+            log(f"fit points exported from torch: {e}")
+    artifacts: dict[str, Compilable] = {}
+    for label, widths in tqdm(points.items(), desc="latency table: building fit points", leave=False):
+        keep = {g: first_mask(plan.group(g).count, k) for g, k in widths.items()}
+        where = folder / label
+        where.mkdir()
+        if dense is not None:
+            try:
+                onnx.save(slice_onnx(dense, plan, keep) if keep else dense, str(where / "model.onnx"))
+                artifacts[label] = where / "model.onnx"
+                continue
+            except PlanError as e:
+                log(f"fit points exported from torch: {e}")
+                dense = None
+        model = materialize_program(plan.program.module(), plan, keep) if keep else plan.program
+        artifacts[label] = target.artifact(model, plan.example_inputs, where)
+    return artifacts
+
+
 def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: MeasureSettings,
          log: Callable[[str], None]) -> None:
     """Time the table's ``fit_plan`` end to end and fit ``base``/``scale`` to it.
@@ -251,13 +284,7 @@ def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: Mea
     log(f"measuring {len(points)} allocations end to end ({', '.join(points)}) to fit the table")
     best: dict[str, Timing] = {}
     with tempfile.TemporaryDirectory(prefix="osscar-fit-") as tmp:
-        artifacts = {}
-        for label, widths in tqdm(points.items(), desc="latency table: building fit points", leave=False):
-            keep = {g: first_mask(plan.group(g).count, k) for g, k in widths.items()}
-            model = materialize_program(plan.program.module(), plan, keep) if keep else plan.program
-            folder = Path(tmp) / label
-            folder.mkdir()
-            artifacts[label] = target.artifact(model, plan.example_inputs, folder)
+        artifacts = _fit_artifacts(plan, target, points, Path(tmp), log)
         with tqdm(total=FIT_ROUNDS * len(artifacts), desc="latency table: timing fit points", leave=False) as bar:
             for _ in range(FIT_ROUNDS):
                 for label, artifact in artifacts.items():
