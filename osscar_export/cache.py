@@ -1,6 +1,7 @@
 """The job's on-disk caches, keyed in one place (docs/design.md, "Caches").
 
-Every cached value (a run's folder, Gram matrices, error curves, latency tables) is named by
+Every cached value (a run's folder, Gram matrices, error curves, latency tables, the allocation
+search's end-to-end scores) is named by
 ``key(kind, ...)``: a hash of the content it was computed from *and* ``VERSIONS[kind]``, the
 version of the code that computes it. Bump a kind's version whenever its code changes what it
 produces; older entries then miss and are recomputed instead of being served stale. Dequantised
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from osscar_export.atomic import atomic_path
+from osscar_export.atomic import atomic_path, write_text
 from osscar_export.passes.base import Grams
 from osscar_export.passes.calibrate import calibrate
 from osscar_export.plan import StructurePlan
@@ -39,6 +40,7 @@ VERSIONS: dict[str, int] = {
     "curves": 2,  # 2: files carry a digest of their content
     "latency-table": 1,
     "dequantised": 1,
+    "scores": 1,
 }
 
 CurveArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # widths, losses, masks (widths × count)
@@ -161,6 +163,32 @@ def grams(plan: StructurePlan, batches: Sequence[tuple], folder: Path, log: Call
         torch.save({"xtx": result.xtx, "rows": result.rows, "blocked": blocked,
                     "digest": _gram_digest(result.xtx, result.rows, blocked)}, tmp)
     return result
+
+
+def scores_path(plan: StructurePlan, calibration: Sequence[tuple], held_out: Sequence[tuple], task: str,
+                widths: Mapping[str, Sequence[int]], folder: Path) -> Path:
+    """Where the allocation search's end-to-end scores are cached: they depend on what the Grams
+    do (``gram_key``), the curves' width grids (their supports), the scored batches and the task."""
+    grids = sorted((g, [int(w) for w in ws]) for g, ws in widths.items())
+    return folder / f"scores-{key('scores', gram_key(plan, calibration), task, grids, *(t for b in held_out for t in b))}.json"
+
+
+def load_scores(path: Path) -> dict[str, float]:
+    """The scores saved at ``path`` (none when it does not exist; an unusable file is discarded)."""
+    if not path.exists():
+        return {}
+    try:
+        scores = json.loads(path.read_text())
+        if not isinstance(scores, dict) or not all(isinstance(v, float) and np.isfinite(v) for v in scores.values()):
+            raise ValueError("not a mapping of finite scores")
+        return scores
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        _discard(path, e)
+        return {}
+
+
+def save_scores(path: Path, scores: Mapping[str, float]) -> None:
+    write_text(path, json.dumps(dict(scores), sort_keys=True))
 
 
 def _curve_digest(arrays: CurveArrays) -> str:

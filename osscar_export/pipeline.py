@@ -174,8 +174,11 @@ def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log =
 
 def _scorer(prep: Prepared) -> Scorer:
     if prep.scorer is None:
-        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, prep.held_out or prep.calibration, prep.task,
-                             cache_dir=prep.curves_dir)
+        scored = prep.held_out or prep.calibration
+        widths = {g: w for g, (w, _) in prep.curves.items()}
+        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, scored, prep.task, cache_dir=prep.curves_dir,
+                             scores_file=cache.scores_path(prep.plan, prep.calibration, scored, prep.task.name, widths,
+                                                           prep.curves_dir.parent))
     return prep.scorer
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from osscar_export import cache
 from osscar_export.allocate import Allocation, Curves, allocate, group_losses, normalised_loss
 from osscar_export.latency.table import LatencyTable
 from osscar_export.passes.base import Grams
@@ -133,9 +134,11 @@ class Scorer:
     """Builds and scores candidate allocations on the dense model; solves and scores are memoised."""
 
     def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: Task,
-                 damp: float = 0.01, cache_dir: str | Path | None = None):
+                 damp: float = 0.01, cache_dir: str | Path | None = None, scores_file: Path | None = None):
         """``curves`` as ``error_curves`` made them (same damping; its ``cache_dir`` holds the
-        supports); ``batches`` are scored, and should be samples the Grams did not see."""
+        supports); ``batches`` are scored, and should be samples the Grams did not see. Scores
+        are read from and saved to ``scores_file`` (``cache.scores_path``), so a re-run of the
+        job scores nothing twice."""
         self.plan, self.grams, self.curves, self.task = plan, grams, curves, task
         self.batches = list(batches)
         self.damp, self.cache_dir = damp, cache_dir
@@ -144,7 +147,8 @@ class Scorer:
         self._tails: _Tails | None | bool = False  # built on the first one-group score; None: too large to keep
         self._supports: dict[str, dict[int, torch.Tensor]] = {}
         self._solutions: dict[tuple[str, int], GroupSolution] = {}
-        self._scores: dict[tuple[tuple[str, int], ...], float] = {}
+        self.scores_file = scores_file
+        self._scores: dict[str, float] = cache.load_scores(scores_file) if scores_file is not None else {}
 
     def _support(self, group: str, width: int) -> torch.Tensor:
         if group not in self._supports:
@@ -187,15 +191,18 @@ class Scorer:
         zero_structures(self.work, groups, masks, weights)
 
     def __call__(self, widths: Mapping[str, int]) -> float:
-        key = tuple(sorted((g, w) for g, w in widths.items() if w < self.plan.group(g).count))
-        if key not in self._scores:
-            if len(key) == 1 and self._tails is False:
+        narrowed = sorted((g, int(w)) for g, w in widths.items() if w < self.plan.group(g).count)
+        name = ",".join(f"{g}={w}" for g, w in narrowed)
+        if name not in self._scores:
+            if len(narrowed) == 1 and self._tails is False:
                 self._tails = _Tails.record(self.work, self.plan, self.batches)
-            with self.model(dict(key)) as model:
-                if len(key) == 1 and self._tails is not None:
-                    model = self._tails.model(key[0][0])  # a one-group probe runs from the group on
-                self._scores[key] = self.task.end_to_end_loss(model, self.batches, self.dense_outputs)
-        return self._scores[key]
+            with self.model(dict(narrowed)) as model:
+                if len(narrowed) == 1 and self._tails is not None:
+                    model = self._tails.model(narrowed[0][0])  # a one-group probe runs from the group on
+                self._scores[name] = self.task.end_to_end_loss(model, self.batches, self.dense_outputs)
+            if self.scores_file is not None:
+                cache.save_scores(self.scores_file, self._scores)
+        return self._scores[name]
 
 
 class _Tails:

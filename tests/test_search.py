@@ -172,3 +172,23 @@ def test_one_group_probes_resume_the_dense_run_and_score_as_the_whole_model(fami
         assert resumed({g: w}) == pytest.approx(whole({g: w}), rel=1e-5, abs=1e-9), g
     assert resumed._tails is not None and len(resumed._tails.states) == len(plan.groups)
     assert any(whole({g: w}) > whole({}) for g, w in probes.items())
+
+
+def test_scores_are_saved_and_a_rerun_scores_nothing_twice(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    batches = [(torch.randn(32, 16) @ torch.randn(16, 16),) for _ in range(2)]
+    model = Mlp().eval()
+    plan = find_structures(model, batches[0])
+    (group,) = plan.groups
+    grams = calibrate(plan, batches, progress=False)
+    curves = error_curves(plan, grams, [0.25, 0.5, 1.0], progress=False)
+    path = tmp_path / "scores.json"
+    first = Scorer(plan, grams, curves, batches, task=TASKS["encoder"], scores_file=path)
+    widths = [int(w) for w in curves[group.name][0] if w < group.count]
+    losses = [first({group.name: w}) for w in widths]
+    monkeypatch.setattr(TASKS["encoder"].__class__, "end_to_end_loss", lambda *a, **k: pytest.fail("scored again"))
+    again = Scorer(plan, grams, curves, batches, task=TASKS["encoder"], scores_file=path)
+    assert [again({group.name: w}) for w in widths] == losses
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="unusable"):
+        assert Scorer(plan, grams, curves, batches, task=TASKS["encoder"], scores_file=path)._scores == {}
