@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,38 @@ def _run_ort(session, args: tuple) -> list[np.ndarray]:
         raise ParityError(f"the ONNX model takes inputs {names}, the example has {len(tensors)} tensors")
     feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
     return session.run(None, feed)
+
+
+def as_module(model: torch.nn.Module | torch.export.ExportedProgram) -> torch.nn.Module:
+    """A module in inference mode (``eval()`` is set in place: latency is an inference property).
+    Modules from ``ExportedProgram.module()`` refuse ``eval()``: their train/eval behaviour was
+    fixed when they were captured, so they are used as they are."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model
+
+
+def export_onnx_unchecked(model: torch.nn.Module | torch.export.ExportedProgram, inputs: Sequence[torch.Tensor], path: Path) -> Path:
+    """Export to ONNX with the dynamo exporter, without a parity check or the ONNX optimizer.
+
+    Latency measurement exports dozens of model variants; their numerics do not matter, only
+    their cost, so the parity-checked exporter of ``osscar_export.export`` is not needed here.
+    An ExportedProgram is translated as it is (no second capture). The onnxscript optimizer
+    (``optimize=True``) is skipped: it takes 60% of SmolLM2's export time, and onnxruntime's own
+    graph optimizations make both files equally fast (docs/results.md, "Job speed").
+    """
+    if isinstance(model, torch.nn.Module):
+        model = as_module(model)
+    with warnings.catch_warnings():
+        # modules from ExportedProgram.module() report training=True, but their behaviour was
+        # fixed at capture; every other module was put in eval mode by as_module.
+        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        torch.onnx.export(model, tuple(inputs), str(path), dynamo=True, verbose=False, external_data=False,
+                          optimize=False)
+    return path
 
 
 def _weight_bytes(module: torch.nn.Module) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,11 +51,13 @@ def check_budget(value: float, flag: str) -> float:
 
 
 class Stages:
-    """Seconds spent per stage of a job (summed over budgets and attempts): the log's last line
-    and the report's ``stage_seconds`` say where a job's time went."""
+    """Seconds spent per stage of a job (summed over budgets and attempts), and the process's peak
+    resident memory when each stage last ended: the log's last line and the report's
+    ``stage_seconds`` / ``stage_peak_rss_mb`` say where a job's time and memory went."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -63,9 +66,11 @@ class Stages:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.peak_rss_mb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
     def summary(self) -> str:
-        return ", ".join(f"{name} {s:.0f} s" for name, s in self.seconds.items())
+        return ", ".join(f"{name} {s:.0f} s" for name, s in self.seconds.items()) + \
+            f"; peak memory {max(self.peak_rss_mb.values(), default=0) / 1024:.1f} GiB"
 
 
 @dataclass(frozen=True)

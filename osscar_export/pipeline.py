@@ -319,7 +319,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
         write_report(staging, cfg=cfg, task=prep.task, plan=plan, table=table, target=compiled_target,
                      explored=explored, outcomes=outcomes, calibration_samples=samples(prep.calibration),
                      held_out_samples=samples(prep.held_out), environment=_environment(), seconds=time.perf_counter() - t_start,
-                     stage_seconds=stages.seconds)
+                     stages=stages)
     log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s ({stages.summary()})")
     return outcomes
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from osscar_export.allocate import Allocation  # noqa: E402
 from osscar_export.atomic import atomic_path, write_text  # noqa: E402
-from osscar_export.job import BUDGET_TOLERANCE, JobConfig, Outcome  # noqa: E402
+from osscar_export.job import BUDGET_TOLERANCE, JobConfig, Outcome, Stages  # noqa: E402
 from osscar_export.latency.table import LatencyTable  # noqa: E402
 from osscar_export.plan import StructurePlan  # noqa: E402
 from osscar_export.targets import Target  # noqa: E402
@@ -97,6 +97,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "versions": {"type": "object", "additionalProperties": {"type": "string"}},
         "job_seconds": {"type": "number", "minimum": 0},
         "stage_seconds": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+        "stage_peak_rss_mb": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
     }),
 }
 
@@ -243,7 +244,7 @@ def plot_tradeoff(path: Path, explored: Sequence[Allocation], chosen: Sequence[t
 def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePlan, table: LatencyTable,
                  target: Target, explored: Sequence[Allocation], outcomes: Sequence[Outcome],
                  calibration_samples: int, held_out_samples: int, environment: Mapping[str, str], seconds: float,
-                 stage_seconds: Mapping[str, float]) -> None:
+                 stages: Stages) -> None:
     """Write report.json / report.md per model and tradeoff.png (plus a family summary) into ``folder``."""
     reports = []
     for o in outcomes:
@@ -251,13 +252,14 @@ def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePla
         r = outcome_json(o, table=table, plan=plan, cfg=cfg, target=target, calibration_samples=calibration_samples,
                          held_out_samples=held_out_samples, environment=environment)
         r["job_seconds"] = seconds
-        r["stage_seconds"] = dict(stage_seconds)
+        r["stage_seconds"] = dict(stages.seconds)
+        r["stage_peak_rss_mb"] = dict(stages.peak_rss_mb)
         write_text(sub / "report.json", _dumps(r))
         write_text(sub / "report.md", _markdown(r, o.label, task.loss_name))
         reports.append((o.label, r))
     plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
     if len(outcomes) > 1:
-        summary = {"model": cfg.model, "job_seconds": seconds, "stage_seconds": dict(stage_seconds), "budgets_met": all(o.meets_budget for o in outcomes),
+        summary = {"model": cfg.model, "job_seconds": seconds, "stage_seconds": dict(stages.seconds), "budgets_met": all(o.meets_budget for o in outcomes),
                    "models": {label: {k: r[k] for k in SUMMARY_SCHEMA["properties"]["models"]["additionalProperties"]["properties"]}
                               for label, r in reports}}
         write_text(folder / "report.json", _dumps(summary))

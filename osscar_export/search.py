@@ -38,7 +38,7 @@ from osscar_export.allocate import Allocation, Curves, allocate, group_losses, n
 from osscar_export.latency.table import LatencyTable
 from osscar_export.passes.base import Grams
 from osscar_export.plan import StructurePlan
-from osscar_export.passes.calibrate import GraphRunner, RunState
+from osscar_export.passes.runner import GraphRunner, RunState
 from osscar_export.passes.materialize import zero_structures
 from osscar_export.passes.solve import GroupSolution, refit_group
 from osscar_export.prune import group_curve

@@ -15,7 +15,6 @@ import functools
 import os
 import platform
 import tempfile
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from osscar_export.errors import TargetUnavailableError
+from osscar_export.export import as_module, export_onnx_unchecked, export_tensorrt
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -74,38 +74,6 @@ def _cast(model: torch.nn.Module, inputs: Sequence[torch.Tensor], dtype: torch.d
     return copy.deepcopy(model).to(dtype), cast_inputs
 
 
-def _as_module(model: torch.nn.Module | torch.export.ExportedProgram) -> torch.nn.Module:
-    """A module in inference mode (``eval()`` is set in place: latency is an inference property).
-    Modules from ``ExportedProgram.module()`` refuse ``eval()``: their train/eval behaviour was
-    fixed when they were captured, so they are used as they are."""
-    if isinstance(model, torch.export.ExportedProgram):
-        return model.module()
-    try:
-        return model.eval()
-    except NotImplementedError:
-        return model
-
-
-def export_onnx_unchecked(model: torch.nn.Module | torch.export.ExportedProgram, inputs: Sequence[torch.Tensor], path: Path) -> Path:
-    """Export to ONNX with the dynamo exporter, without a parity check or the ONNX optimizer.
-
-    Latency measurement exports dozens of model variants; their numerics do not matter, only
-    their cost, so the parity-checked exporter of ``osscar_export.export`` is not needed here.
-    An ExportedProgram is translated as it is (no second capture). The onnxscript optimizer
-    (``optimize=True``) is skipped: it takes 60% of SmolLM2's export time, and onnxruntime's own
-    graph optimizations make both files equally fast (docs/results.md, "Job speed").
-    """
-    if isinstance(model, torch.nn.Module):
-        model = _as_module(model)
-    with warnings.catch_warnings():
-        # modules from ExportedProgram.module() report training=True, but their behaviour was
-        # fixed at capture; every other module was put in eval mode by _as_module.
-        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        torch.onnx.export(model, tuple(inputs), str(path), dynamo=True, verbose=False, external_data=False,
-                          optimize=False)
-    return path
-
-
 def _onnx_file(model: Compilable, inputs: Sequence[torch.Tensor], dtype: torch.dtype, folder: Path) -> tuple[Path, tuple]:
     """An ONNX file of ``model`` in ``dtype`` and the inputs cast to match: the file itself, or an
     export into ``folder``. A float32 ExportedProgram is exported without capturing it again."""
@@ -114,7 +82,7 @@ def _onnx_file(model: Compilable, inputs: Sequence[torch.Tensor], dtype: torch.d
     if isinstance(model, torch.export.ExportedProgram) and dtype == torch.float32:
         exported, cast_inputs = model, tuple(inputs)
     else:
-        exported, cast_inputs = _cast(_as_module(model), inputs, dtype)
+        exported, cast_inputs = _cast(as_module(model), inputs, dtype)
     return export_onnx_unchecked(exported, cast_inputs, folder / "model.onnx"), cast_inputs
 
 
@@ -166,10 +134,10 @@ class Target:
         raise NotImplementedError
 
     def artifact(self, model: Compilable, example_inputs: Sequence[torch.Tensor], folder: Path) -> Compilable:
-        """What ``compile`` takes, made once: a runtime with a file format (ONNX) gets the file,
-        written into ``folder``, so a model can be compiled again later without exporting it
-        again; others get the model itself."""
-        return model
+        """What ``compile`` takes, made once: a target that runs ONNX gets the file, written into
+        ``folder``, so a model can be compiled again later without exporting it again; others
+        get the model itself."""
+        return _onnx_file(model, example_inputs, self.torch_dtype, folder)[0] if self.runs_onnx else model
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,9 +238,6 @@ class _OrtTarget(Target):
             fp["gpu"] = torch.cuda.get_device_name(0)
         return fp
 
-    def artifact(self, model: Compilable, example_inputs: Sequence[torch.Tensor], folder: Path) -> Compilable:
-        return _onnx_file(model, example_inputs, self.torch_dtype, folder)[0]
-
     def compile(self, model: Compilable, example_inputs: Sequence[torch.Tensor]) -> OrtRunnable:
         """An onnxruntime session; a torch module is exported to ONNX in a temporary folder first."""
         if isinstance(model, (str, os.PathLike)):
@@ -367,14 +332,9 @@ class TensorRTTarget(Target):
         fp.update(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(0), cuda=torch.version.cuda)
         return fp
 
-    def artifact(self, model: Compilable, example_inputs: Sequence[torch.Tensor], folder: Path) -> Compilable:
-        return _onnx_file(model, example_inputs, self.torch_dtype, folder)[0]
-
     def compile(self, model: Compilable, example_inputs: Sequence[torch.Tensor]) -> TrtRunnable:
         """An engine built (and parity-checked) by ``export_tensorrt`` from ONNX; a torch module is
         exported to ONNX first."""
-        from osscar_export.export import export_tensorrt
-
         trt = self._trt()
         with tempfile.TemporaryDirectory(prefix="osscar-trt-") as tmp:
             onnx_path, inputs = _onnx_file(model, example_inputs, self.torch_dtype, Path(tmp))
@@ -446,7 +406,7 @@ class TorchTarget(Target):
         if isinstance(model, (str, os.PathLike)):
             raise TypeError("target torch runs torch modules, not ONNX files; use --target ort-cpu for ONNX")
         device = self._device()
-        module, _ = _cast(_as_module(model), example_inputs, self.torch_dtype)
+        module, _ = _cast(as_module(model), example_inputs, self.torch_dtype)
         if device.type != "cpu":
             module = copy.deepcopy(module).to(device)  # the caller's model stays where it is
         return TorchRunnable(module, device, self.torch_dtype, self.threads)
