@@ -187,16 +187,21 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
     mode tried. ``best`` prunes in both and keeps the lower held-out loss: sequential mode feeds
     each layer the pruned model's inputs, which helps language models, but with few distinct
     calibration photos it compounds their over-fitting (measured in docs/results.md)."""
-    modes = MODES if cfg.mode == "best" else (cfg.mode,)
-    results = {m: prune(None, prep.calibration, method=cfg.method, mode=m, plan=prep.plan, widths=widths, grams=prep.grams)
-               for m in modes}
-    if len(results) == 1:
-        return results[cfg.mode], cfg.mode, {}
+    def pruned(mode: str) -> PruneResult:
+        return prune(None, prep.calibration, method=cfg.method, mode=mode, plan=prep.plan, widths=widths, grams=prep.grams)
+
+    if cfg.mode != "best":
+        return pruned(cfg.mode), cfg.mode, {}
     scorer = _scorer(prep)
-    losses = {m: prep.task.end_to_end_loss(r.model, scorer.batches, scorer.dense_outputs) for m, r in results.items()}
-    best = min(losses, key=losses.__getitem__)
+    kept, best, losses = None, "", {}
+    for mode in MODES:  # one pruned model in memory besides the one kept
+        result = pruned(mode)
+        losses[mode] = prep.task.end_to_end_loss(result.model, scorer.batches, scorer.dense_outputs)
+        if kept is None or losses[mode] < losses[best]:
+            kept, best = result, mode
+        del result
     log("held-out loss " + ", ".join(f"{m} {v:.4f}" for m, v in losses.items()) + f": keeping {best}")
-    return results[best], best, losses
+    return kept, best, losses
 
 
 def _tighter_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, alloc: Allocation, measured_ms: float,

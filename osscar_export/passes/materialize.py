@@ -331,7 +331,10 @@ class Materialize(Pass):
         model, plan = state.model, state.plan
         masks = check_masks(plan, state.masks)
         weights = check_weights(plan, state.weights, _tensor_shapes(plan.program))
-        gm = copy.deepcopy(plan.program.module())
+        # A fresh graph whose tensors are the capture's own: every tensor below is rebound, never
+        # written, so the capture is untouched and nothing is copied that is not sliced (a deep
+        # copy cost a whole model's memory, twice for --mode best).
+        gm = plan.program.module()
         values = {**model.state_dict(), **weights}  # the model's current values win over the capture's
         cuts = _cuts(plan, masks)
         touched = {fqn for fqn, _ in cuts} | set(weights)
@@ -346,10 +349,17 @@ class Materialize(Pass):
                         alive[cuts[(fqn, dim)]] = False
                         value = value.index_select(dim, alive.nonzero().reshape(-1).to(value.device))
                 _replace(gm, fqn, value.contiguous().clone())
-            for fqn, value in model.state_dict().items():  # untouched tensors follow the model too
-                if fqn not in touched and fqn in plan.program.state_dict:
-                    module, attr = _owner(gm, fqn)
-                    getattr(module, attr).copy_(value)
+            follow: dict[int, torch.Tensor] = {}  # storage -> its tensor in gm: tied weights stay tied
+            for fqn, value in model.state_dict().items():  # untouched tensors follow the model, shared
+                if fqn in touched or fqn not in plan.program.state_dict:
+                    continue
+                module, attr = _owner(gm, fqn)
+                if getattr(module, attr).data_ptr() != value.data_ptr():  # the model's values are not the capture's
+                    if value.data_ptr() not in follow:
+                        _replace(gm, fqn, value)
+                        follow[value.data_ptr()] = getattr(module, attr)
+                    else:
+                        setattr(module, attr, follow[value.data_ptr()])
         _rewrite_shape_args(gm, plan, masks)
         gm.recompile()
         args = tuple(plan.example_inputs)

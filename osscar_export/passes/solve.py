@@ -199,7 +199,8 @@ class Solve(Pass):
 
     def run(self, state: PruneState) -> PassResult:
         plan, method = state.plan, self.method
-        gm = copy.deepcopy(plan.program.module())  # sequential mode prunes this copy in place
+        # sequential mode prunes a copy in place; dense mode only reads the capture's weights
+        gm = copy.deepcopy(plan.program.module()) if self.mode == "sequential" else plan.program.module()
         blocked = dict(blocked_groups(plan, gm))
         todo = [g for g in plan.groups if self.widths.get(g.name, g.count) < g.count]
         for g in todo:
