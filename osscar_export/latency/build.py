@@ -239,6 +239,12 @@ def _time_region(region: Region, width: int, target: Target, settings: MeasureSe
     return measure(target.compile(program, region.inputs), region.inputs, settings)
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Mapping[str, int]], folder: Path,
                    log: Callable[[str], None]) -> dict[str, Compilable]:
     """Each fit point's artifact, written under ``folder``. A float32 ONNX target gets the dense
@@ -258,7 +264,11 @@ def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Map
         where.mkdir()
         if dense is not None:
             try:
-                onnx.save(slice_onnx(dense, plan, keep) if keep else dense, str(where / "model.onnx"))
+                sliced = slice_onnx(dense, plan, keep) if keep else _copy(dense)
+                # weights to a side file: saving moves each tensor out, where one serialized string
+                # of a large model would double its memory for a moment
+                onnx.save(sliced, str(where / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+                del sliced
                 artifacts[label] = where / "model.onnx"
                 continue
             except PlanError as e:
