@@ -22,7 +22,6 @@ choices are in docs/results.md.
 
 from __future__ import annotations
 
-import copy
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from osscar_export.latency.table import LatencyTable
 from osscar_export.passes.base import Grams
 from osscar_export.plan import StructurePlan
 from osscar_export.passes.runner import GraphRunner, RunState
-from osscar_export.passes.materialize import zero_structures
+from osscar_export.passes.materialize import writable_copy, zero_structures
 from osscar_export.passes.solve import GroupSolution, refit_group
 from osscar_export.prune import group_curve
 from osscar_export.tasks import Task
@@ -142,7 +141,7 @@ class Scorer:
         self.plan, self.grams, self.curves, self.task = plan, grams, curves, task
         self.batches = list(batches)
         self.damp, self.cache_dir = damp, cache_dir
-        self.work = copy.deepcopy(plan.program.module())  # pruned in place per candidate, restored after
+        self.work = writable_copy(plan)  # pruned in place per candidate, restored after
         self.dense_outputs = task.reference_outputs(self.work, self.batches)
         self._tails: _Tails | None | bool = False  # built on the first one-group score; None: too large to keep
         self._supports: dict[str, dict[int, torch.Tensor]] = {}
@@ -226,7 +225,7 @@ class _Tails:
         runner = GraphRunner(gm)
         weights = {g.name: {c.weight for c in g.consumers} for g in plan.groups}
         first_use = {}  # group -> position of the first node reading one of its consumer weights
-        for i, node in enumerate(runner.nodes):
+        for node in runner.nodes:
             if node.op == "get_attr":
                 for g, fqns in weights.items():
                     if node.target in fqns:

@@ -194,6 +194,17 @@ def zero_structures(module: nn.Module, groups: Iterable[StructureGroup], masks: 
                 param.index_fill_(c.input.dim, c.input.indices(gone).to(param.device), 0)
 
 
+def writable_copy(plan: StructurePlan) -> torch.fx.GraphModule:
+    """The captured model with private copies of its consumer weights, which ``zero_structures``
+    writes; every other tensor is the capture's own, shared rather than copied (a deep copy
+    doubled a large-vocabulary model's embedding in memory for nothing)."""
+    gm = plan.program.module()
+    with torch.no_grad():
+        for fqn in dict.fromkeys(c.weight for g in plan.groups for c in g.consumers):
+            _replace(gm, fqn, getattr(*_owner(gm, fqn)).clone())
+    return gm
+
+
 def apply_masks(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> nn.Module:
     """A deep copy of ``model`` pruned by ``zero_structures``: the reference ``materialize`` must match."""
     checked = check_masks(plan, masks)

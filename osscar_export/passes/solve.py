@@ -15,7 +15,6 @@ pruned. Either way it only decides: the model in the state is left alone.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from osscar_export.errors import PlanError
 from osscar_export.passes.base import Pass, PassResult, PruneState
 from osscar_export.passes.base import Grams
 from osscar_export.passes.calibrate import SequentialCalibrator, blocked_groups, check_batches, dense_grams
-from osscar_export.passes.materialize import zero_structures
+from osscar_export.passes.materialize import writable_copy, zero_structures
 from osscar_export.plan import Consumer, StructureGroup
 
 MODES = ("dense", "sequential")
@@ -199,8 +198,8 @@ class Solve(Pass):
 
     def run(self, state: PruneState) -> PassResult:
         plan, method = state.plan, self.method
-        # sequential mode prunes a copy in place; dense mode only reads the capture's weights
-        gm = copy.deepcopy(plan.program.module()) if self.mode == "sequential" else plan.program.module()
+        # sequential mode prunes its consumer weights in place; dense mode only reads them
+        gm = writable_copy(plan) if self.mode == "sequential" else plan.program.module()
         blocked = dict(blocked_groups(plan, gm))
         todo = [g for g in plan.groups if self.widths.get(g.name, g.count) < g.count]
         for g in todo:
