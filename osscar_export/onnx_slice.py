@@ -1,8 +1,10 @@
 """Materialize at the ONNX level: slice the dense model's ONNX instead of re-exporting each variant.
 
 ``dense_onnx`` exports ``plan.program`` once (dynamo exporter, ``optimize=False`` so every integer
-stays a ``Constant`` beside the nodes of the FX node it came from; onnxruntime folds them at load,
-and outputs and latency match the optimized export) and records where each ONNX node came from.
+stays a ``Constant`` beside the nodes of the FX node it came from) and records where each ONNX
+node came from. The outputs match the optimized export, but not its speed (a CNN's padding and
+shape arithmetic stay in the graph), so a sliced model meant for timing goes through the
+exporter's optimizer afterwards (``latency/build.py``).
 ``slice_onnx`` cuts the initializers (named by FQN) as ``materialize`` cuts tensors and rewrites
 every integer that pruning changes. How integers are found, and why that is reliable:
 
