@@ -16,15 +16,13 @@ from dataclasses import asdict, dataclass
 import torch
 
 from osscar_export import cache
-from osscar_export.calibration_data import calibration_split
-from osscar_export.job import JobConfig
+from osscar_export.job import JobConfig, calibration_data
 from osscar_export.latency.table import graph_signature, lookup_dirs, table_status
 from osscar_export.latency.timing import measure_settings
 from osscar_export.models import load_model
 from osscar_export.passes.structures import find_structures
 from osscar_export.plan import StructurePlan
 from osscar_export.targets import get_target
-from osscar_export.tasks import TASKS
 from osscar_export.widths import width_grid
 
 # Seconds of each stage in units of what drives it: forward passes of the dense model in torch
@@ -68,11 +66,8 @@ def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
     loaded = load_model(cfg.model, seq_len=cfg.seq_len, batch=cfg.batch, image_size=cfg.image_size)
     load_s = time.perf_counter() - t0
     plan = find_structures(loaded.model, loaded.example_inputs)
-    task = TASKS[loaded.task]
-    n_calib = cfg.n_calib or task.n_calib
-    n_score = task.n_score if cfg.search or cfg.mode == "best" else 0
-    source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
-    calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
+    data = calibration_data(cfg, loaded)
+    task, source, calibration, held_out, work = data.task, data.source, data.calibration, data.held_out, data.work
     with torch.no_grad():  # one forward, after one to warm up: the unit of most stages' cost
         loaded.model(*loaded.example_inputs)
         t0 = time.perf_counter()
@@ -81,7 +76,6 @@ def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
     mparams = sum(t.numel() for t in plan.program.state_dict.values()) / 1e6
     batch = loaded.example_inputs[0].shape[0]
 
-    work = cache.run_dir(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)
     grams_cached = cache.gram_path(plan, calibration, work).exists()
     curves = work / "curves"
     cached_curves = {g.name for g in plan.groups if curves.is_dir() and any(curves.glob(f"{cache.file_stem(g.name)}-*.npz"))}

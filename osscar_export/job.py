@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osscar_export import cache
 from osscar_export.allocate import Allocation
+from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import OsscarError
 from osscar_export.latency.table import LatencyTable
 from osscar_export.latency.timing import MeasureSettings
@@ -25,7 +27,7 @@ from osscar_export.plan import StructurePlan
 from osscar_export.prune import PruneResult
 from osscar_export.search import Candidate, Scorer
 from osscar_export.targets import Target
-from osscar_export.tasks import Task
+from osscar_export.tasks import TASKS, Task
 
 # A model measured at most this fraction over its budget meets it. One rule (``meets_budget``)
 # for the pipeline's rebuild loop, the report's "meets_budget" and the command's exit code: the
@@ -109,6 +111,30 @@ class JobConfig:
 def samples(batches: list[tuple]) -> int:
     """Samples in ``batches`` (their first inputs' leading dims): what the report counts."""
     return sum(int(b[0].shape[0]) for b in batches)
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    """The batches a job calibrates and scores on, and the run folder that caches what they give."""
+
+    task: Task
+    n_calib: int  # the samples asked for
+    source: str
+    calibration: list[tuple]
+    held_out: list[tuple]  # none when neither the search nor --mode best scores
+    work: Path  # cache.run_dir of this model and calibration
+
+
+def calibration_data(cfg: JobConfig, loaded: LoadedModel) -> CalibrationData:
+    """The job's calibration and held-out batches and its run folder: one rule for the job and
+    ``--dry-run``, so the dry run looks for the caches the job will use."""
+    task = TASKS[loaded.task]
+    n_calib = cfg.n_calib or task.n_calib
+    n_score = task.n_score if cfg.search or cfg.mode == "best" else 0
+    source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
+    calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
+    work = cache.run_dir(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)
+    return CalibrationData(task, n_calib, str(source), calibration, held_out, work)
 
 
 @dataclass

@@ -26,10 +26,10 @@ import torch
 from osscar_export import __version__, cache
 from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
 from osscar_export.atomic import DestinationExists, atomic_dir, sweep_staging
-from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import InfeasibleBudgetError, OsscarError
 from osscar_export.export import export_onnx, save_program
-from osscar_export.job import BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, Stages, check_budget, meets_budget, samples
+from osscar_export.job import (BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, Stages, calibration_data, check_budget,
+                               meets_budget, samples)
 from osscar_export.latency.build import measure_latency
 from osscar_export.latency.table import LatencyTable, lookup_dirs
 from osscar_export.latency.timing import MeasureSettings, Timing, measure, measure_settings
@@ -39,7 +39,6 @@ from osscar_export.prune import MODES, PruneResult, error_curves, prune
 from osscar_export.report import write_report
 from osscar_export.search import Candidate, Scorer, search_allocation
 from osscar_export.targets import Runnable, Target, get_target
-from osscar_export.tasks import TASKS
 
 Log = Callable[[str], None]
 
@@ -132,17 +131,12 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     if not plan.groups:
         raise OsscarError(f"{cfg.model}: no prunable structures found; run `osscar-export inspect {cfg.model}` to see why")
 
-    task = TASKS[loaded.task]
-    n_calib = cfg.n_calib or task.n_calib
-    scores = cfg.search or cfg.mode == "best"
-    n_score = task.n_score if scores else 0
-    source = task.calibration_source(loaded) if cfg.calib is None else cfg.calib
     with stages("calibration data"):
-        calibration, held_out = calibration_split(source, loaded, n_calib, n_score, cfg.seed)
-    if scores and not held_out:
+        data = calibration_data(cfg, loaded)
+    task, n_calib, calibration, held_out, work = data.task, data.n_calib, data.calibration, data.held_out, data.work
+    if (cfg.search or cfg.mode == "best") and not held_out:
         log(f"warning: only {len(calibration)} calibration batches, too few to hold any out; the allocation "
             "search and the choice of mode score on the calibration data, which favours over-fitted models")
-    work = cache.run_dir(cfg.model, cfg.seq_len, cfg.batch, cfg.image_size, cfg.calib, n_calib, cfg.seed)
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
     with stages("calibrate"):
         grams = cache.grams(plan, calibration, work, log)
