@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-import onnx
+import onnx_ir as ir
 import onnxscript
 import torch
 from tqdm.auto import tqdm
@@ -260,11 +260,13 @@ def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Map
         where.mkdir()
         if dense is not None:
             try:
-                # the exporter's own optimizer, as every other export gets it (export_onnx_unchecked);
-                # weights to a side file: one serialized string of a large model would double its
-                # memory for a moment
-                sliced = onnxscript.optimizer.optimize(slice_onnx(dense, plan, keep) if keep else dense)
-                onnx.save(sliced, str(where / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+                # the exporter's own optimizer, as every other export gets it (export_onnx_unchecked),
+                # run in place on an IR view of the proto's weights, and saved tensor by tensor to a
+                # side file: optimizing or serializing the proto whole would copy a large model
+                # twice more (docs/results.md, "A large-vocabulary stand-in")
+                sliced = ir.serde.deserialize_model(slice_onnx(dense, plan, keep) if keep else dense)
+                onnxscript.optimizer.optimize(sliced)
+                ir.save(sliced, where / "model.onnx", external_data="model.onnx.data")
                 del sliced
                 artifacts[label] = where / "model.onnx"
                 continue
