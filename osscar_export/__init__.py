@@ -5,7 +5,7 @@ The public API, in pipeline order::
     import osscar_export as ox
     plan = ox.find_structures(model, example_inputs)
     result = ox.prune(model, calibration, keep_fraction=0.5, plan=plan)   # OSSCAR, sequential
-    small = ox.materialize(model, plan, result.masks, result.weights)   # == result.model
+    small = ox.materialize(model, plan, result.masks, result.weights, result.shifts)   # == result.model
     ox.export_onnx(small, example_inputs, "model.onnx")
 """
 

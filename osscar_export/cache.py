@@ -36,11 +36,11 @@ from osscar_export.plan import StructurePlan
 # Bump on any change to how the kind's value is computed (see the module docstring).
 VERSIONS: dict[str, int] = {
     "run": 1,
-    "grams": 2,  # 2: files carry a digest of their content
+    "grams": 3,  # 2: files carry a digest of their content; 3: and the column sums
     "curves": 2,  # 2: files carry a digest of their content
     "latency-table": 1,
     "dequantised": 1,
-    "scores": 1,
+    "scores": 2,  # 2: the re-fit has an intercept
 }
 
 CurveArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # widths, losses, masks (widths × count)
@@ -109,8 +109,10 @@ def _check_shapes(arrays: Mapping[str, Any], expected: Mapping[str, Sequence[int
             raise ValueError(f"{name} has shape {tuple(arrays[name].shape)}, expected {tuple(want)}")
 
 
-def _gram_digest(xtx: Mapping[str, torch.Tensor], rows: Mapping[str, int], blocked: Sequence[Sequence[str]]) -> str:
-    return digest(sorted(xtx), *(xtx[n] for n in sorted(xtx)), dict(rows), [list(b) for b in blocked])
+def _gram_digest(grams: Grams, blocked: Sequence[Sequence[str]]) -> str:
+    names = sorted(grams.xtx)
+    return digest(names, *(grams.xtx[n] for n in names), sorted(grams.xsum), *(grams.xsum[n] for n in sorted(grams.xsum)),
+                  dict(grams.rows), [list(b) for b in blocked])
 
 
 def gram_shapes(plan: StructurePlan, blocked: Sequence[Sequence[str]]) -> dict[str, tuple[int, int]]:
@@ -131,13 +133,15 @@ def gram_shapes(plan: StructurePlan, blocked: Sequence[Sequence[str]]) -> dict[s
 def _load_grams(path: Path, plan: StructurePlan) -> Grams:
     """The Grams stored at ``path``; ValueError (or the loader's error) when anything is off."""
     saved = torch.load(path, weights_only=True)
-    if not (isinstance(saved, dict) and set(saved) == {"xtx", "rows", "blocked", "digest"}):
+    if not (isinstance(saved, dict) and set(saved) == {"xtx", "rows", "xsum", "blocked", "digest"}):
         raise ValueError("not a Gram file of this osscar-export")
-    xtx, rows, blocked = saved["xtx"], saved["rows"], saved["blocked"]
-    if saved["digest"] != _gram_digest(xtx, rows, blocked):
+    grams = Grams(saved["xtx"], saved["rows"], saved["xsum"], [tuple(b) for b in saved["blocked"]])
+    if saved["digest"] != _gram_digest(grams, saved["blocked"]):
         raise ValueError("its content does not match its digest")
-    _check_shapes(xtx, gram_shapes(plan, blocked))
-    return Grams(xtx, rows, [tuple(b) for b in blocked])
+    shapes = gram_shapes(plan, saved["blocked"])
+    _check_shapes(grams.xtx, shapes)
+    _check_shapes(grams.xsum, {name: shape[:1] for name, shape in shapes.items()})
+    return grams
 
 
 def gram_path(plan: StructurePlan, batches: Sequence[tuple], folder: Path) -> Path:
@@ -160,17 +164,19 @@ def grams(plan: StructurePlan, batches: Sequence[tuple], folder: Path, log: Call
     result = calibrate(plan, batches)
     blocked = [list(b) for b in result.blocked]
     with atomic_path(path) as tmp:
-        torch.save({"xtx": result.xtx, "rows": result.rows, "blocked": blocked,
-                    "digest": _gram_digest(result.xtx, result.rows, blocked)}, tmp)
+        torch.save({"xtx": result.xtx, "rows": result.rows, "xsum": result.xsum, "blocked": blocked,
+                    "digest": _gram_digest(result, blocked)}, tmp)
     return result
 
 
 def scores_path(plan: StructurePlan, calibration: Sequence[tuple], held_out: Sequence[tuple], task: str,
-                widths: Mapping[str, Sequence[int]], folder: Path) -> Path:
+                widths: Mapping[str, Sequence[int]], folder: Path, intercept: bool) -> Path:
     """Where the allocation search's end-to-end scores are cached: they depend on what the Grams
-    do (``gram_key``), the curves' width grids (their supports), the scored batches and the task."""
+    do (``gram_key``), the curves' width grids (their supports), whether the re-fit has an
+    intercept, the scored batches and the task."""
     grids = sorted((g, [int(w) for w in ws]) for g, ws in widths.items())
-    return folder / f"scores-{key('scores', gram_key(plan, calibration), task, grids, *(t for b in held_out for t in b))}.json"
+    name = key("scores", gram_key(plan, calibration), task, grids, intercept, *(t for b in held_out for t in b))
+    return folder / f"scores-{name}.json"
 
 
 def load_scores(path: Path) -> dict[str, float]:

@@ -73,6 +73,9 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="best", choices=["best", "sequential", "dense"],
                    help="calibration of the final prune: sequential, dense, or best (default: both, keeping the lower "
                    "end-to-end loss on the held-out calibration samples)")
+    p.add_argument("--no-intercept", action="store_true",
+                   help="re-fit consumer weights only; by default each re-fitted layer's bias is re-fitted too (one is "
+                        "added where it had none), taking the mean of what the removed structures contributed")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
@@ -138,6 +141,7 @@ def run(argv: list[str], console: Console) -> int:
         batch=args.batch, image_size=args.image_size, levels=args.levels, method=args.method, mode=args.mode, n_eval=args.n_eval,
         out=args.out, force=args.force, tables=args.tables, seed=args.seed, clock=args.clock,
         search=not args.no_search,
+        intercept=not args.no_intercept,
     )
     if not cfg.latency_ms and not cfg.speedup:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")

@@ -87,7 +87,7 @@ def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
     samples, held = len(calibration) * batch, (len(held_out) or len(calibration)) * batch
     groups = len(plan.groups)
     grids = {g.name: width_grid(g, cfg.levels) for g in plan.groups}
-    scored = cache.scores_path(plan, calibration, held_out or calibration, task.name, grids, work).exists()
+    scored = cache.scores_path(plan, calibration, held_out or calibration, task.name, grids, work, cfg.intercept).exists()
     stages = [
         StagePlan("load", f"{loaded.task} model (measured)", load_s),
         StagePlan("calibrate", f"Gram matrices {'cached' if grams_cached else 'to compute'} from {samples} "

@@ -100,6 +100,7 @@ class JobConfig:
     seed: int = 0
     clock: str = "auto"  # "wall", "thread", or "auto" (see pipeline.measure_settings)
     search: bool = True  # score candidate allocations end to end (search.py); False: the plain knapsack
+    intercept: bool = True  # re-fit each consumer's bias too (passes/solve.py); False: weights only
 
     def __post_init__(self) -> None:
         for ms in self.latency_ms:

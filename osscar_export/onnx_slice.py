@@ -283,13 +283,15 @@ def _check_initializers(graph: onnx.GraphProto, shapes: dict[str, torch.Size],
                         "exported for another plan")
 
 
-def _slice_initializers(graph: onnx.GraphProto, cuts: dict[tuple[str, int], torch.Tensor]) -> None:
+def _slice_initializers(graph: onnx.GraphProto, cuts: dict[tuple[str, int], torch.Tensor], base_dir: str) -> None:
+    """Cut the initializers in place; one whose data is in an external file is read from
+    ``base_dir`` and comes back with its data inline (the ones not cut stay external)."""
     inits = {t.name: t for t in graph.initializer}
     per: dict[str, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for (fqn, dim), idx in cuts.items():
         per[fqn].append((dim, idx))
     for fqn, dims in per.items():
-        a = numpy_helper.to_array(inits[fqn])
+        a = numpy_helper.to_array(inits[fqn], base_dir)
         for dim, idx in dims:
             a = np.delete(a, idx.numpy(), axis=dim)
         inits[fqn].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), fqn))
@@ -355,8 +357,12 @@ def _check(model: onnx.ModelProto) -> None:
         raise PlanError(f"the sliced ONNX model is invalid: {e}") from e
 
 
-def slice_onnx(model: onnx.ModelProto, plan: StructurePlan, masks: Masks) -> onnx.ModelProto:
+def slice_onnx(model: onnx.ModelProto, plan: StructurePlan, masks: Masks, base_dir: str | os.PathLike = "") -> onnx.ModelProto:
     """The ONNX of ``materialize(model, plan, masks)``, made by editing ``dense_onnx(plan)``'s output.
+
+    ``model`` may keep its weights in an external file (``base_dir`` is its folder): then only
+    the tensors that are cut are read, and the others stay references to that file, so a large
+    model is not copied whole for every slice.
 
     Raises ``PlanError`` when the masks do not fit the plan, or when some integer the pruning
     changes cannot be found unambiguously (then use ``materialize``).
@@ -381,7 +387,7 @@ def slice_onnx(model: onnx.ModelProto, plan: StructurePlan, masks: Masks) -> onn
     edits = _view_edits(g, info, _changed_sizes(plan, dense, new, args), new) | _arg_edits(g, info, plan, args)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _slice_initializers(out.graph, cuts)
+    _slice_initializers(out.graph, cuts, os.fspath(base_dir))
     _apply(out.graph, g, edits)
     del out.graph.value_info[:]  # the dense shapes; stale now
     _check(out)

@@ -142,7 +142,7 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
         grams = cache.grams(plan, calibration, work, log)
     log(f"error curves at {cfg.levels} widths per group")
     with stages("error curves"):
-        curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves")
+        curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves", intercept=cfg.intercept)
 
     settings = measure_settings(cfg.clock, target)
     log(f"latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
@@ -155,24 +155,25 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
                     target.for_inputs(loaded.example_inputs), settings, stages)
 
 
-def choose_allocation(prep: Prepared, budget_ms: float, search: bool, log: Log = print) -> tuple[Allocation, list[Candidate]]:
-    """The knapsack's allocation, or with ``search`` the best candidate scored end to end."""
-    if not search:
+def choose_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, log: Log = print) -> tuple[Allocation, list[Candidate]]:
+    """The knapsack's allocation, or with ``cfg.search`` the best candidate scored end to end."""
+    if not cfg.search:
         return allocate(prep.curves, prep.table, budget_ms), []
-    scorer = _scorer(prep)
+    scorer = _scorer(prep, cfg)
     log(f"searching allocations for {budget_ms:.2f} ms (end-to-end loss on {len(scorer.batches)} "
         f"{'held-out' if prep.held_out else 'calibration'} batches)")
     kinds = {name: prep.plan.group(name).kind for name in prep.curves}
     return search_allocation(prep.curves, prep.table, budget_ms, kinds, scorer, log)
 
 
-def _scorer(prep: Prepared) -> Scorer:
+def _scorer(prep: Prepared, cfg: JobConfig) -> Scorer:
     if prep.scorer is None:
         scored = prep.held_out or prep.calibration
         widths = {g: w for g, (w, _) in prep.curves.items()}
         prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, scored, prep.task, cache_dir=prep.curves_dir,
                              scores_file=cache.scores_path(prep.plan, prep.calibration, scored, prep.task.name, widths,
-                                                           prep.curves_dir.parent))
+                                                           prep.curves_dir.parent, cfg.intercept),
+                             intercept=cfg.intercept)
     return prep.scorer
 
 
@@ -182,11 +183,12 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
     each layer the pruned model's inputs, which helps language models, but with few distinct
     calibration photos it compounds their over-fitting (measured in docs/results.md)."""
     def pruned(mode: str) -> PruneResult:
-        return prune(None, prep.calibration, method=cfg.method, mode=mode, plan=prep.plan, widths=widths, grams=prep.grams)
+        return prune(None, prep.calibration, method=cfg.method, mode=mode, plan=prep.plan, widths=widths, grams=prep.grams,
+                     intercept=cfg.intercept)
 
     if cfg.mode != "best":
         return pruned(cfg.mode), cfg.mode, {}
-    scorer = _scorer(prep)
+    scorer = _scorer(prep, cfg)
     kept, best, losses = None, "", {}
     for mode in MODES:  # one pruned model in memory besides the one kept
         result = pruned(mode)
@@ -209,7 +211,7 @@ def _tighter_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, alloc:
     goal = alloc.predicted_ms * budget_ms / measured_ms
     log(f"{100 * (measured_ms / budget_ms - 1):.1f}% over the budget: allocating again for a predicted {goal:.2f} ms")
     try:
-        tighter = choose_allocation(prep, goal, cfg.search, log)
+        tighter = choose_allocation(prep, cfg, goal, log)
     except InfeasibleBudgetError as e:
         log(f"no faster allocation: {e}")
         return None
@@ -262,7 +264,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     budgets = _budgets(cfg, table)
     stages = prep.stages
     with stages("allocate"):
-        allocations = [(label, ms, *choose_allocation(prep, ms, cfg.search, log)) for label, ms in budgets]
+        allocations = [(label, ms, *choose_allocation(prep, cfg, ms, log)) for label, ms in budgets]
         explored = tradeoff(curves, table, points=24)
 
     dense_module = plan.program.module()

@@ -43,6 +43,7 @@ class PruneResult:
     masks: dict[str, torch.Tensor]  # group name -> bool (count,)
     layer_losses: dict[str, float]  # consumer weight FQN -> ½‖X(W−Ŵ)‖² + ridge, on its own inputs
     weights: dict[str, torch.Tensor]  # consumer weight FQN -> re-fitted, dense layout, pruned rows zero
+    shifts: dict[str, torch.Tensor]  # consumer weight FQN -> added to its bias (the re-fit's intercept)
     plan: StructurePlan
     blocked: list[tuple[str, str]] = field(default_factory=list)  # groups left whole, and why
     seconds: float = 0.0
@@ -106,6 +107,7 @@ def prune(
     damp: float = 0.01,
     progress: bool = True,
     grams: Grams | None = None,
+    intercept: bool = True,
 ) -> PruneResult:
     """Prune ``model`` one-shot: every group keeps its width, consumers re-fit on calibration data.
 
@@ -116,6 +118,8 @@ def prune(
     model's inputs. ``model`` may be None when ``plan`` is given (its captured program is used).
     ``grams``: the dense Grams of ``calibration`` when already computed (``calibrate``'s), so
     dense mode does not run the calibration forward again; sequential mode ignores them.
+    ``intercept``: every re-fitted consumer also re-fits its bias (one is added where it had
+    none), which takes the mean of what the removed structures contributed (docs/design.md, "Solver").
     """
     t0 = time.perf_counter()
     if method not in METHODS:  # Solve checks both too; here they fail before the structure search
@@ -150,8 +154,9 @@ def prune(
         model=model if model is not None else plan.program.module(), example_inputs=tuple(plan.example_inputs),
         program=plan.program, plan=plan, batches=batches, grams=grams if dense else None,
     )
-    out = run_passes([*passes, Solve(method, mode, counts, damp, progress), Materialize()], state).state
-    return PruneResult(out.model, out.program, out.masks, out.losses, out.weights, plan, blocked, time.perf_counter() - t0)
+    out = run_passes([*passes, Solve(method, mode, counts, damp, progress, intercept), Materialize()], state).state
+    return PruneResult(out.model, out.program, out.masks, out.losses, out.weights, out.shifts, plan, blocked,
+                       time.perf_counter() - t0)
 
 
 def group_curve(
@@ -162,6 +167,7 @@ def group_curve(
     method: str = "osscar-fast",
     damp: float = 0.01,
     cache_dir: str | Path | None = None,
+    intercept: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One group's error curve: widths, losses and the nested masks (bool, widths × count).
 
@@ -169,7 +175,7 @@ def group_curve(
     method): an interrupted run resumes where it stopped and a changed input never re-uses a
     stale curve.
     """
-    problem = layer_problem(group, grams, weight, damp)
+    problem = layer_problem(group, grams, weight, damp, intercept)
 
     def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         curve = solver.error_curve(problem.H, problem.W, group_size=problem.d, levels=widths, method=method, damp=0.0)
@@ -190,6 +196,7 @@ def error_curves(
     damp: float = 0.01,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    intercept: bool = True,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every solvable group's ``(widths, losses)`` from dense Grams: the allocator's input.
 
@@ -202,6 +209,7 @@ def error_curves(
     skip = {name for name, _ in grams.blocked}
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for group in tqdm([g for g in plan.groups if g.name not in skip], desc="error curves", disable=not progress, leave=False):
-        widths, losses, _ = group_curve(group, grams, state.__getitem__, width_grid(group, levels), method, damp, cache_dir)
+        widths, losses, _ = group_curve(group, grams, state.__getitem__, width_grid(group, levels), method, damp, cache_dir,
+                                        intercept)
         curves[group.name] = (widths, losses)
     return curves

@@ -39,6 +39,7 @@ from osscar_export.passes.base import Grams
 from osscar_export.plan import StructurePlan
 from osscar_export.passes.runner import GraphRunner, RunState
 from osscar_export.passes.materialize import writable_copy, zero_structures
+from osscar_export.passes.module_edit import bias, owner
 from osscar_export.passes.solve import GroupSolution, refit_group
 from osscar_export.prune import group_curve
 from osscar_export.tasks import Task
@@ -133,15 +134,18 @@ class Scorer:
     """Builds and scores candidate allocations on the dense model; solves and scores are memoised."""
 
     def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: Task,
-                 damp: float = 0.01, cache_dir: str | Path | None = None, scores_file: Path | None = None):
-        """``curves`` as ``error_curves`` made them (same damping; its ``cache_dir`` holds the
-        supports); ``batches`` are scored, and should be samples the Grams did not see. Scores
+                 damp: float = 0.01, cache_dir: str | Path | None = None, scores_file: Path | None = None,
+                 intercept: bool = True):
+        """``curves`` as ``error_curves`` made them (same damping and intercept; its ``cache_dir``
+        holds the supports); ``batches`` are scored, and should be samples the Grams did not see. Scores
         are read from and saved to ``scores_file`` (``cache.scores_path``), so a re-run of the
         job scores nothing twice."""
         self.plan, self.grams, self.curves, self.task = plan, grams, curves, task
         self.batches = list(batches)
-        self.damp, self.cache_dir = damp, cache_dir
+        self.damp, self.cache_dir, self.intercept = damp, cache_dir, intercept
         self.work = writable_copy(plan)  # pruned in place per candidate, restored after
+        self._biases = {c.weight: bias(self.work, c) for g in plan.groups for c in g.consumers if c.full}
+        self._dense_biases = {fqn: getattr(*owner(self.work, fqn)).clone() for fqn in self._biases.values()}
         self.dense_outputs = task.reference_outputs(self.work, self.batches)
         self._tails: _Tails | None | bool = False  # built on the first one-group score; None: too large to keep
         self._supports: dict[str, dict[int, torch.Tensor]] = {}
@@ -153,14 +157,14 @@ class Scorer:
         if group not in self._supports:
             widths = [int(w) for w in self.curves[group][0]]
             levels, _, masks = group_curve(self.plan.group(group), self.grams, self.plan.program.state_dict.__getitem__,
-                                           widths, damp=self.damp, cache_dir=self.cache_dir)
+                                           widths, damp=self.damp, cache_dir=self.cache_dir, intercept=self.intercept)
             self._supports[group] = {int(k): torch.from_numpy(masks[i]) for i, k in enumerate(levels)}
         return self._supports[group][width]
 
     @contextmanager
     def model(self, widths: Mapping[str, int]) -> Iterator[nn.Module]:
         """The dense model with every group pruned to its width (zeroed, not materialized); its
-        consumer weights are restored on exit, so one working copy serves every candidate."""
+        consumer weights and biases are restored on exit, so one working copy serves every candidate."""
         gm, state = self.work, self.plan.program.state_dict
         touched = {c.weight for name, width in widths.items() if width < self.plan.group(name).count
                    for c in self.plan.group(name).consumers}
@@ -171,23 +175,27 @@ class Scorer:
             with torch.no_grad():
                 for fqn in touched:
                     gm.get_parameter(fqn).copy_(state[fqn])
+                    if fqn in self._biases:
+                        getattr(*owner(gm, self._biases[fqn])).copy_(self._dense_biases[self._biases[fqn]])
 
     def _prune(self, widths: Mapping[str, int]) -> None:
         """Re-fit every narrowed group on its curve's support and zero it in the working copy."""
         state = self.plan.program.state_dict
-        groups, masks, weights = [], {}, {}
+        groups, masks, weights, shifts = [], {}, {}, {}
         for name, width in widths.items():
             group = self.plan.group(name)
             if width >= group.count:
                 continue
             key = (name, width)
             if key not in self._solutions:
-                self._solutions[key] = refit_group(group, self.grams, state.__getitem__, self._support(name, width), self.damp)
+                self._solutions[key] = refit_group(group, self.grams, state.__getitem__, self._support(name, width), self.damp,
+                                                   self.intercept)
             solution = self._solutions[key]
             groups.append(group)
             masks[name] = solution.mask
             weights.update(solution.weights)
-        zero_structures(self.work, groups, masks, weights)
+            shifts.update(solution.shifts)
+        zero_structures(self.work, groups, masks, weights, shifts)
 
     def __call__(self, widths: Mapping[str, int]) -> float:
         narrowed = sorted((g, int(w)) for g, w in widths.items() if w < self.plan.group(g).count)

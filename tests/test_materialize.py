@@ -58,6 +58,20 @@ def materialize_state(model: nn.Module, plan: StructurePlan, masks: dict, weight
                       weights=weights)
 
 
+def _new_bias_params(model: nn.Module, plan: StructurePlan, masks: dict, shifts: dict) -> list[int]:
+    """Sizes of the biases materialize adds (consumers without one that get a shift): kept outputs."""
+    have = dict(model.named_parameters())
+    cut = {(s.target, s.dim): int((~masks[g.name]).sum()) * s.unit * len(s.offsets) for g in plan.groups if g.name in masks
+           for s in g.producers}
+    sizes = []
+    for g in plan.groups:
+        for c in g.consumers:
+            if c.full and c.weight in shifts and c.weight.removesuffix("weight") + "bias" not in have:
+                dim = 1 if c.op == "matmul" else 0
+                sizes.append(have[c.weight].shape[dim] - cut.get((c.weight, dim), 0))
+    return sizes
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -81,18 +95,27 @@ def show(name: str, fraction: float, res: dict, onnx_diff: float | None = None) 
     print(line + ("" if onnx_diff is None else f", ONNX vs small {onnx_diff:.2g}"))
 
 
-def check_equivalence(model: nn.Module, plan: StructurePlan, masks: dict[str, torch.Tensor], args: tuple) -> dict:
-    """Assert the law for one support; return the measured numbers."""
+def random_shifts(plan: StructurePlan, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random bias shift (the re-fit's intercept) for every full consumer of the plan."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = plan.program.state_dict
+    consumers = {c.weight: c for g in plan.groups for c in g.consumers if c.full}
+    return {w: 0.1 * torch.randn(weights[w].shape[1 if c.op == "matmul" else 0], generator=gen) for w, c in consumers.items()}
+
+
+def check_equivalence(model: nn.Module, plan: StructurePlan, masks: dict[str, torch.Tensor], args: tuple,
+                      shifts: dict[str, torch.Tensor] | None = None) -> dict:
+    """Assert the law for one support (and bias shifts); return the measured numbers."""
     dense = outputs(model, args)
-    masked_model = apply_masks(model, plan, masks)
-    small = materialize(model, plan, masks)
+    masked_model = apply_masks(model, plan, masks, shifts=shifts)
+    small = materialize(model, plan, masks, shifts=shifts)
     masked = outputs(masked_model, args)
     got = outputs(small, args)
     scale = float(masked.abs().max())
     diff = float((got - masked).abs().max())
     assert diff <= 1e-4 * scale + 1e-5, f"small vs masked: max diff {diff:.3g} at scale {scale:.3g}"
     removed = n_params(model) - n_params(small)
-    assert removed == expected_removed_params(plan, masks)
+    assert removed == expected_removed_params(plan, masks) - sum(_new_bias_params(model, plan, masks, shifts or {}))
     if any(not bool(m.all()) for m in masks.values()):
         assert removed > 0
         change = float((masked - dense).abs().max())
@@ -395,7 +418,7 @@ def test_family_equivalence(name: str, fraction: float, tmp_path) -> None:
     args = plan.example_inputs
     assert float(outputs(model, args).std()) > 0.05, "model output ~constant: equivalence would be trivial"
     masks = random_masks(plan, fraction, seed=round(fraction * 100))
-    res = check_equivalence(model, plan, masks, args)
+    res = check_equivalence(model, plan, masks, args, random_shifts(plan) if fraction == 0.5 else None)
     onnx_diff = check_onnx(res, args, tmp_path / f"{name}.onnx") if fraction == 0.5 else None
     show(name, fraction, res, onnx_diff)
 

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 import pytest
 import torch
 from torch import nn
@@ -115,6 +116,25 @@ def test_tiny_plans(name: str, fraction: float) -> None:
     want = outputs(apply_masks(model, plan, masks), plan.example_inputs)
     assert_close(run_onnx(small, plan.example_inputs), want)
     check_sliced(proto, small, plan, masks)
+
+
+def test_weights_on_disk(tmp_path) -> None:
+    """A dense model whose weights were moved to a file slices to the same model, reading only the
+    tensors it cuts: the others stay references to that file."""
+    model, plan, proto = dense("llama_gqa")
+    masks = random_masks(plan, 0.5, seed=5)
+    in_memory = slice_onnx(proto, plan, masks)
+    on_disk = copy(proto)
+    onnx.save(on_disk, tmp_path / "dense.onnx", save_as_external_data=True, location="dense.onnx.data", size_threshold=0)
+    small = slice_onnx(on_disk, plan, masks, tmp_path)
+    external = {t.name for t in small.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    cut = {t.name for t in small.graph.initializer} - external
+    assert external and cut and all(t.data_location == onnx.TensorProto.EXTERNAL for t in on_disk.graph.initializer)
+    onnx.load_external_data_for_model(small, str(tmp_path))
+    assert [n.SerializeToString() for n in small.graph.node] == [n.SerializeToString() for n in in_memory.graph.node]
+    want = {t.name: numpy_helper.to_array(t) for t in in_memory.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in small.graph.initializer}
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_dynamic_sequence() -> None:

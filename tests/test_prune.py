@@ -69,7 +69,7 @@ def consumer_increase(model: SharedChannels, grams, support: list[int]) -> float
 def test_stacked_problem_is_the_sum_of_its_consumers():
     model, plan = shared_plan()
     grams = calibrate(plan, [torch.randn(2, 3, 5, 5) for _ in range(3)], progress=False)
-    problem = layer_problem(plan.groups[0], grams, plan.program.state_dict.__getitem__, damp=0.01)
+    problem = layer_problem(plan.groups[0], grams, plan.program.state_dict.__getitem__, damp=0.01, intercept=False)
     assert problem.d == 10 and problem.H.shape == (60, 60) and problem.W.shape == (60, 10)
     split = problem.split(problem.W)
     torch.testing.assert_close(split["conv2.weight"], model.conv2.weight.flatten(1).T.double())
@@ -83,7 +83,8 @@ def test_exact_method_on_a_shared_group_finds_the_best_joint_support():
     model, plan = shared_plan()
     batches = [torch.randn(2, 3, 5, 5) for _ in range(3)]
     grams = calibrate(plan, batches, progress=False)
-    result = prune(model, batches, widths={"conv1.channel": 3}, method="exact", mode="dense", plan=plan, progress=False)
+    result = prune(model, batches, widths={"conv1.channel": 3}, method="exact", mode="dense", plan=plan, progress=False,
+                   intercept=False)
     best = min(itertools.combinations(range(6), 3), key=lambda s: consumer_increase(model, grams, list(s)))
     assert result.masks["conv1.channel"].nonzero().reshape(-1).tolist() == list(best)
     assert sum(result.layer_losses.values()) == pytest.approx(consumer_increase(model, grams, list(best)), rel=1e-7)
@@ -101,7 +102,8 @@ def test_exact_method_on_a_shared_group_finds_the_best_joint_support():
 def test_pipeline_loss_and_support_equal_the_solver_on_the_same_gram():
     model, plan = mlp3_plan()
     batches = [torch.randn(5, 3, 6) for _ in range(4)]
-    result = prune(model, batches, widths={"fc1.neuron": 3}, method="osscar", mode="dense", plan=plan, progress=False)
+    result = prune(model, batches, widths={"fc1.neuron": 3}, method="osscar", mode="dense", plan=plan, progress=False,
+                   intercept=False)
     x = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
     ref = solver.prune_layer(x.T @ x, model.fc2.weight.T.double(), group_size=1, width=3, method="osscar", damp=0.01)
     assert torch.equal(result.masks["fc1.neuron"], torch.as_tensor(ref.mask))
@@ -114,7 +116,8 @@ def test_sequential_mode_feeds_later_consumers_the_pruned_model():
     model, plan = mlp3_plan()
     batches = [torch.randn(5, 3, 6) for _ in range(4)]
     counts = {"fc1.neuron": 4, "fc2.neuron": 3}
-    result = prune(model, batches, widths=counts, method="greedy", mode="sequential", plan=plan, progress=False)
+    result = prune(model, batches, widths=counts, method="greedy", mode="sequential", plan=plan, progress=False,
+                   intercept=False)
     x1 = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
     first = solver.prune_layer(x1.T @ x1, model.fc2.weight.T.double(), group_size=1, width=4, method="greedy", damp=0.01)
     w2 = torch.as_tensor(first.weight).T.float()
@@ -123,13 +126,13 @@ def test_sequential_mode_feeds_later_consumers_the_pruned_model():
     assert torch.equal(result.masks["fc2.neuron"], torch.as_tensor(second.mask))
     assert result.layer_losses["fc3.weight"] == pytest.approx(float(second.loss), rel=1e-5, abs=1e-9)
     torch.testing.assert_close(result.weights["fc3.weight"].T.double(), torch.as_tensor(second.weight, dtype=torch.float64), rtol=1e-4, atol=1e-5)
-    dense = prune(model, batches, widths=counts, method="greedy", mode="dense", plan=plan, progress=False)
+    dense = prune(model, batches, widths=counts, method="greedy", mode="dense", plan=plan, progress=False, intercept=False)
     x2_dense = torch.cat([torch.relu(model.fc2(torch.relu(model.fc1(b)))).reshape(-1, 7) for b in batches]).double()
     ref_dense = solver.prune_layer(x2_dense.T @ x2_dense, model.fc3.weight.T.double(), group_size=1, width=3, method="greedy", damp=0.01)
     assert dense.layer_losses["fc3.weight"] == pytest.approx(float(ref_dense.loss), rel=1e-5, abs=1e-9)
     # dense mode given calibrate's Grams of the same batches decides the same
     given = prune(model, batches, widths=counts, method="greedy", mode="dense", plan=plan, progress=False,
-                  grams=calibrate(plan, batches, progress=False))
+                  grams=calibrate(plan, batches, progress=False), intercept=False)
     assert all(torch.equal(given.masks[g], dense.masks[g]) for g in dense.masks)
     assert given.layer_losses == pytest.approx(dense.layer_losses, rel=1e-9)
 
@@ -145,7 +148,7 @@ def test_every_method_materializes_to_the_masked_refit_model(method):
         assert result.weights[fqn][:, ~result.masks[mask]].abs().sum() == 0
     assert result.model.get_parameter("conv2.weight").shape == (2, 3, 3, 3)
     assert result.model.get_parameter("dw.weight").shape == (2, 1, 3, 3)
-    masked = apply_masks(model, plan, result.masks, result.weights)
+    masked = apply_masks(model, plan, result.masks, result.weights, result.shifts)
     x = torch.randn(2, 3, 11, 9)
     torch.testing.assert_close(result.model(x), masked(x), rtol=1e-4, atol=1e-5)
 
@@ -196,6 +199,7 @@ def test_error_curves_are_cached_and_resume(tmp_path, monkeypatch):
     for widths, losses in curves.values():
         assert np.all(np.diff(losses) <= 1e-9) and losses[-1] == pytest.approx(0.0, abs=1e-9)
     x = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
+    x = x - x.mean(0)  # the re-fit's intercept: the curve is the centred Gram's
     direct = solver.error_curve(x.T @ x, model.fc2.weight.T.double(), group_size=1, levels=[2, 4, 6, 8], damp=0.01)
     np.testing.assert_allclose(curves["fc1.neuron"][1], direct.losses.numpy(), rtol=1e-6, atol=1e-9)
     assert len(list(tmp_path.glob("*.npz"))) == 2
@@ -218,7 +222,7 @@ def test_prune_without_a_plan_finds_structures_and_matches_the_masked_model(buil
     for g in result.plan.groups:
         assert int(result.masks[g.name].sum()) == max(1, round(0.5 * g.count))
     assert set(result.layer_losses) == {c.weight for g in result.plan.groups for c in g.consumers if c.full}
-    masked = apply_masks(model, result.plan, result.masks, result.weights)
+    masked = apply_masks(model, result.plan, result.masks, result.weights, result.shifts)
     with torch.no_grad():
         torch.testing.assert_close(result.model(*example), masked(*example), rtol=1e-4, atol=1e-4)
 
@@ -268,13 +272,14 @@ def test_a_consumer_slice_with_several_offsets_is_one_structure_per_offset_set()
     plan.groups[:] = [dataclasses.replace(fc1, name="fc1.pair", count=4, consumers=(consumer,),
                                           producers=(Slice("fc1.weight", 0, 1, (0, 4)), Slice("fc1.bias", 0, 1, (0, 4))))]
     batches = [torch.randn(5, 3, 6) for _ in range(3)]
-    result = prune(model, batches, widths={"fc1.pair": 2}, method="exact", mode="dense", plan=plan, progress=False)
+    result = prune(model, batches, widths={"fc1.pair": 2}, method="exact", mode="dense", plan=plan, progress=False,
+                   intercept=False)
     x = torch.cat([torch.relu(model.fc1(b)).reshape(-1, 8) for b in batches]).double()
     pairs = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])  # structure i owns channels i and i + 4
     ref = solver.prune_layer((x.T @ x)[pairs][:, pairs], model.fc2.weight.T.double()[pairs], group_size=2, width=2, method="exact", damp=0.01)
     assert torch.equal(result.masks["fc1.pair"], torch.as_tensor(ref.mask))
     assert result.layer_losses["fc2.weight"] == pytest.approx(float(ref.loss), rel=1e-6, abs=1e-9)
     assert result.model.get_parameter("fc2.weight").shape == (7, 4)
-    masked = apply_masks(model, plan, result.masks, result.weights)
+    masked = apply_masks(model, plan, result.masks, result.weights, result.shifts)
     x = torch.randn(5, 3, 6)
     torch.testing.assert_close(result.model(x), masked(x), rtol=1e-4, atol=1e-5)

@@ -87,7 +87,7 @@ def test_family_prunes_materializes_and_exports_to_onnx(name: str, mode: str, tm
 
     assert {g.name: int(result.masks[g.name].sum()) for g in picked} == {g.name: round(0.5 * g.count) for g in picked}
     assert n_params(result.model) < n_params(model)
-    masked = ox.apply_masks(model, plan, result.masks, result.weights)
+    masked = ox.apply_masks(model, plan, result.masks, result.weights, result.shifts)
     with torch.no_grad():
         small, reference = result.model(x), masked(x)
     torch.testing.assert_close(small, reference, rtol=1e-4, atol=1e-4)

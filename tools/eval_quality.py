@@ -229,7 +229,7 @@ def run(setup: Setup, methods: list[str], console: Console) -> list[dict]:
                     mode = "dense" if method == "osscar-dense" else "sequential"
                     result = prune(setup.model, setup.calibration, widths=counts, method=method.removesuffix("-dense"),
                                    mode=mode, plan=setup.plan, progress=False)
-                    model = apply_masks(setup.model, setup.plan, result.masks, result.weights)
+                    model = apply_masks(setup.model, setup.plan, result.masks, result.weights, result.shifts)
                 seconds = time.perf_counter() - t0
             with torch.inference_mode():
                 if method != "tp-magnitude":

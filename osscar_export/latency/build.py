@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import onnxscript
 import torch
@@ -244,13 +245,16 @@ def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Map
                    log: Callable[[str], None]) -> dict[str, Compilable]:
     """Each fit point's artifact, written under ``folder``. A float32 ONNX target gets the dense
     ONNX sliced (``onnx_slice``: a second for SmolLM2, where a capture and an export take 8)
-    and optimized as the exporter optimizes (11 s for SmolLM2, 0.3 s for EfficientNet-Lite0);
+    and optimized as the exporter optimizes (11 s for SmolLM2, 0.3 s for EfficientNet-Lite0),
+    with the dense weights on disk, so only the tensors a slice cuts are ever in memory;
     when the slicer cannot map something of the plan, it says why and the points are
     materialized in torch and exported, as for every other target."""
     dense = None
     if target.runs_onnx and target.torch_dtype == torch.float32:
         try:
             dense = dense_onnx(plan)
+            # its weights move to a file, read back only where a slice cuts them
+            onnx.save(dense, folder / "dense.onnx", save_as_external_data=True, location="dense.onnx.data")
         except PlanError as e:
             log(f"fit points exported from torch: {e}")
     artifacts: dict[str, Compilable] = {}
@@ -264,7 +268,8 @@ def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Map
                 # run in place on an IR view of the proto's weights, and saved tensor by tensor to a
                 # side file: optimizing or serializing the proto whole would copy a large model
                 # twice more (docs/results.md, "A large-vocabulary stand-in")
-                sliced = ir.serde.deserialize_model(slice_onnx(dense, plan, keep) if keep else dense)
+                sliced = ir.serde.deserialize_model(slice_onnx(dense, plan, keep, folder) if keep else dense)
+                ir.external_data.set_base_dir(sliced.graph, folder)
                 onnxscript.optimizer.optimize(sliced)
                 ir.save(sliced, where / "model.onnx", external_data="model.onnx.data")
                 del sliced

@@ -22,10 +22,12 @@ from osscar_export.plan import StructurePlan
 
 @dataclass
 class Grams:
-    """``XᵀX`` per consumer weight FQN (float64, ``p x p``, rows as ``Consumer.input_major``)."""
+    """``XᵀX`` and ``Xᵀ1`` per consumer weight FQN (float64, ``p x p`` and ``p``, rows as
+    ``Consumer.input_major``): the column sums give the re-fit its intercept (docs/design.md, "Solver")."""
 
     xtx: dict[str, torch.Tensor]
     rows: dict[str, int]  # calibration rows (real tokens / patches) accumulated per weight
+    xsum: dict[str, torch.Tensor]
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (group name, reason)
 
 
@@ -42,6 +44,7 @@ class PruneState:
     masks: dict[str, torch.Tensor] | None = None  # solve: group name -> bool per structure
     weights: dict[str, torch.Tensor] | None = None  # solve: re-fitted consumer weights
     losses: dict[str, float] | None = None  # solve: consumer weight FQN -> layer objective increase
+    shifts: dict[str, torch.Tensor] | None = None  # solve: consumer weight FQN -> added to its output (bias)
 
     def replace(self, **changes: Any) -> PruneState:
         return dataclasses.replace(self, **changes)

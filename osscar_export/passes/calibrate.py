@@ -18,7 +18,7 @@ This is simpler and as correct as functionalising a copy of the program for cali
 (``run_decompositions({})``): node names stay those of the plan by construction, so nothing has to
 be mapped back, and no graph is re-traced (seconds per call on a ResNet).
 
-Only Gram matrices are kept (float32 per batch, summed in float64); activations are held only as
+Only Gram matrices and column sums are kept (float32 per batch, summed in float64); activations are held only as
 the live values of a saved state in sequential mode. Rows follow ``Consumer.input_major``:
 Linear/matmul features, Conv input channels unfolded channel-major (``c·kh·kw + a·kw + b``).
 Grams are keyed by the consumer's weight FQN; a weight used by several nodes sums their Grams,
@@ -174,6 +174,7 @@ class _Accumulator:
     def __init__(self, inputs: Iterable[ConsumerInput]):
         self.by_node = {ci.node: ci for ci in inputs}
         self.xtx: dict[str, torch.Tensor] = {}
+        self.xsum: dict[str, torch.Tensor] = {}
         self.block: dict[str, torch.Tensor] = {}
         self.batches: dict[str, int] = {}
         self.rows: dict[str, int] = {}
@@ -196,6 +197,8 @@ class _Accumulator:
             self.block[w] = x.T @ x
         self.batches[w] = self.batches.get(w, 0) + 1
         self.rows[w] = self.rows.get(w, 0) + x.shape[0]
+        total = x.sum(0, dtype=torch.float64)
+        self.xsum[w] = self.xsum[w] + total if w in self.xsum else total
         if self.batches[w] % BLOCK == 0:
             self._flush(w)
 
@@ -206,7 +209,7 @@ class _Accumulator:
     def grams(self) -> Grams:
         for w in list(self.block):
             self._flush(w)
-        return Grams(self.xtx, self.rows)
+        return Grams(self.xtx, self.rows, self.xsum)
 
 
 def full_consumer_inputs(plan: StructurePlan, gm: GraphModule, groups: Iterable[StructureGroup]) -> list[ConsumerInput]:

@@ -28,10 +28,12 @@ from torch.utils import _pytree as pytree
 
 from osscar_export.errors import PlanError
 from osscar_export.passes.base import Pass, PassResult, PruneState
+from osscar_export.passes.module_edit import bias, output_dim, owner, replace
 from osscar_export.plan import ShapeArg, Slice, StructureGroup, StructurePlan
 
 Masks = Mapping[str, torch.Tensor]  # group name -> bool per structure, True = kept
 Weights = Mapping[str, torch.Tensor]  # consumer weight FQN -> re-fitted weight, dense shape
+Shifts = Mapping[str, torch.Tensor]  # consumer weight FQN -> added to its output (its bias), dense length
 
 
 def check_masks(plan: StructurePlan, masks: Masks) -> dict[str, torch.Tensor]:
@@ -93,6 +95,25 @@ def check_weights(
     return checked
 
 
+def check_shifts(plan: StructurePlan, shifts: Shifts | None, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Validated bias shifts: one finite vector per full consumer named, as long as its outputs."""
+    if not shifts:
+        return {}
+    consumers = {c.weight: c for g in plan.groups for c in g.consumers if c.full}
+    checked: dict[str, torch.Tensor] = {}
+    for name, shift in shifts.items():
+        if name not in consumers:
+            raise PlanError(f"bias shift for {name!r}, which is not the weight of a re-fitted consumer of the plan")
+        outputs = shapes[name][output_dim(consumers[name])]
+        if not isinstance(shift, torch.Tensor) or not shift.is_floating_point() or shift.shape != (outputs,):
+            got = tuple(shift.shape) if isinstance(shift, torch.Tensor) else type(shift).__name__
+            raise PlanError(f"bias shift for {name!r} must be a float vector of its {outputs} outputs, got {got}")
+        if not bool(torch.isfinite(shift).all()):
+            raise PlanError(f"bias shift for {name!r} has non-finite entries")
+        checked[name] = shift.detach()
+    return checked
+
+
 def removed_structures(mask: torch.Tensor) -> torch.Tensor:
     """Structure numbers a mask removes."""
     return (~mask).nonzero().reshape(-1)
@@ -117,7 +138,7 @@ def _cuts(plan: StructurePlan, masks: Mapping[str, torch.Tensor]) -> dict[tuple[
 
 def _check_slices(plan: StructurePlan, shapes: Mapping[str, torch.Size]) -> None:
     """Every slice names a real tensor and in-range indices; no index is owned by two groups."""
-    owner: dict[tuple[str, int], torch.Tensor] = {}
+    owned: dict[tuple[str, int], torch.Tensor] = {}
     owner_group: dict[tuple[str, int], list[str]] = defaultdict(list)
     for g in plan.groups:
         every = torch.arange(g.count)
@@ -134,14 +155,14 @@ def _check_slices(plan: StructurePlan, shapes: Mapping[str, torch.Size]) -> None
                     f"which has size {shape[s.dim]}"
                 )
             key = (s.target, s.dim)
-            taken = owner.get(key, torch.zeros(shape[s.dim], dtype=torch.bool))
+            taken = owned.get(key, torch.zeros(shape[s.dim], dtype=torch.bool))
             if bool(taken[idx].any()):
                 raise PlanError(
                     f"group {g.name!r} and group(s) {owner_group[key]} both own indices of dim {s.dim} "
                     f"of {s.target!r}; a tensor index can belong to one group only"
                 )
             taken[idx] = True
-            owner[key] = taken
+            owned[key] = taken
             owner_group[key].append(g.name)
 
 
@@ -151,66 +172,58 @@ def _tensor_shapes(program: torch.export.ExportedProgram) -> dict[str, torch.Siz
     return shapes
 
 
-def _owner(root: nn.Module, fqn: str) -> tuple[nn.Module, str]:
-    """The module holding attribute ``fqn`` and the attribute name."""
-    path, _, attr = fqn.rpartition(".")
-    try:
-        module = root.get_submodule(path) if path else root
-    except AttributeError as e:
-        raise PlanError(f"tensor {fqn!r} of the plan is not in the model: {e}") from e
-    if not isinstance(getattr(module, attr, None), torch.Tensor):
-        raise PlanError(f"tensor {fqn!r} of the plan is not in the model")
-    return module, attr
-
-
-def _replace(root: nn.Module, fqn: str, value: torch.Tensor) -> None:
-    """Swap the tensor at ``fqn`` for ``value``, keeping its kind (parameter, buffer, constant)."""
-    module, attr = _owner(root, fqn)
-    old = getattr(module, attr)
-    if isinstance(old, nn.Parameter):
-        value = nn.Parameter(value, requires_grad=old.requires_grad)
-    setattr(module, attr, value)  # nn.Module.__setattr__ keeps a registered buffer a buffer
-
-
-def zero_structures(module: nn.Module, groups: Iterable[StructureGroup], masks: Masks, weights: Weights) -> None:
-    """Prune ``groups`` of ``module`` in place, same shapes: copy the re-fitted ``weights`` in, then
-    zero every consumer's input rows of each removed structure (``masks`` names every group given).
+def zero_structures(module: nn.Module, groups: Iterable[StructureGroup], masks: Masks, weights: Weights,
+                    shifts: Shifts | None = None) -> None:
+    """Prune ``groups`` of ``module`` in place, same shapes: copy the re-fitted ``weights`` in and add
+    the ``shifts`` to their consumers' biases (``module_edit.bias``), then zero every consumer's
+    input rows of each removed structure (``masks`` names every group given).
 
     Zeroing the consumer rows is enough: a pruned structure then contributes nothing downstream,
     whatever its producers compute, which is exactly what removing it does. Weights are copied
     before any row is zeroed, so a weight read by several groups keeps every group's zeros.
     """
+    groups = list(groups)
+    consumers = {c.weight: c for g in groups for c in g.consumers if c.full}
     with torch.no_grad():
         for name, w in weights.items():
-            owner, attr = _owner(module, name)
-            getattr(owner, attr).copy_(w)
+            getattr(*owner(module, name)).copy_(w)
+        for name, shift in (shifts or {}).items():
+            if name not in consumers:
+                raise PlanError(f"bias shift for {name!r}, which is not a re-fitted consumer of the groups pruned")
+            tensor = getattr(*owner(module, bias(module, consumers[name])))
+            tensor.add_(shift.to(tensor))
         for g in groups:
             gone = removed_structures(masks[g.name])
             if gone.numel() == 0:
                 continue
             for c in g.consumers:
-                owner, attr = _owner(module, c.weight)
-                param = getattr(owner, attr)
+                param = getattr(*owner(module, c.weight))
                 param.index_fill_(c.input.dim, c.input.indices(gone).to(param.device), 0)
 
 
 def writable_copy(plan: StructurePlan) -> torch.fx.GraphModule:
-    """The captured model with private copies of its consumer weights, which ``zero_structures``
-    writes; every other tensor is the capture's own, shared rather than copied (a deep copy
-    doubled a large-vocabulary model's embedding in memory for nothing)."""
+    """The captured model with private copies of its consumer weights and of its full consumers'
+    biases (made, zero, where a consumer has none), which ``zero_structures`` writes; every other
+    tensor is the capture's own, shared rather than copied (a deep copy doubled a
+    large-vocabulary model's embedding in memory for nothing)."""
     gm = plan.program.module()
     with torch.no_grad():
         for fqn in dict.fromkeys(c.weight for g in plan.groups for c in g.consumers):
-            _replace(gm, fqn, getattr(*_owner(gm, fqn)).clone())
+            replace(gm, fqn, getattr(*owner(gm, fqn)).clone())
+        for c in {c.weight: c for g in plan.groups for c in g.consumers if c.full}.values():
+            fqn = bias(gm, c)
+            replace(gm, fqn, getattr(*owner(gm, fqn)).clone())
     return gm
 
 
-def apply_masks(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> nn.Module:
+def apply_masks(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None,
+                shifts: Shifts | None = None) -> nn.Module:
     """A deep copy of ``model`` pruned by ``zero_structures``: the reference ``materialize`` must match."""
     checked = check_masks(plan, masks)
-    weights = check_weights(plan, weights, _tensor_shapes(plan.program))
+    shapes = _tensor_shapes(plan.program)
+    weights = check_weights(plan, weights, shapes)
     masked = copy.deepcopy(model)
-    zero_structures(masked, plan.groups, checked, weights)
+    zero_structures(masked, plan.groups, checked, weights, check_shifts(plan, shifts, shapes))
     return masked
 
 
@@ -329,6 +342,7 @@ class Materialize(Pass):
         shapes = _tensor_shapes(plan.program)
         check_masks(plan, state.masks)
         check_weights(plan, state.weights, shapes)
+        check_shifts(plan, state.shifts, shapes)
         _check_slices(plan, shapes)
         own = dict(state.model.state_dict())
         for name, shape in shapes.items():
@@ -341,7 +355,9 @@ class Materialize(Pass):
     def run(self, state: PruneState) -> PassResult:
         model, plan = state.model, state.plan
         masks = check_masks(plan, state.masks)
-        weights = check_weights(plan, state.weights, _tensor_shapes(plan.program))
+        shapes = _tensor_shapes(plan.program)
+        weights = check_weights(plan, state.weights, shapes)
+        shifts = check_shifts(plan, state.shifts, shapes)
         # A fresh graph whose tensors are the capture's own: every tensor below is rebound, never
         # written, so the capture is untouched and nothing is copied that is not sliced (a deep
         # copy cost a whole model's memory, twice for --mode best).
@@ -349,9 +365,17 @@ class Materialize(Pass):
         values = {**model.state_dict(), **weights}  # the model's current values win over the capture's
         cuts = _cuts(plan, masks)
         touched = {fqn for fqn, _ in cuts} | set(weights)
+        consumers = {c.weight: c for g in plan.groups for c in g.consumers if c.full}
+        for name, shift in shifts.items():  # into the consumer's bias, made where it has none
+            c, fqn = consumers[name], bias(gm, consumers[name])
+            current = values.get(fqn, getattr(*owner(gm, fqn)))
+            values[fqn] = current + shift.to(current)
+            if (name, output_dim(c)) in cuts:  # a new bias is in no slice of the plan: cut it as its weight
+                cuts.setdefault((fqn, 0), cuts[(name, output_dim(c))])
+            touched.add(fqn)
         with torch.no_grad():
             for fqn in touched:
-                module, attr = _owner(gm, fqn)
+                module, attr = owner(gm, fqn)
                 old = getattr(module, attr)
                 value = values.get(fqn, old).to(device=old.device, dtype=old.dtype)
                 for dim in range(value.dim()):
@@ -359,15 +383,15 @@ class Materialize(Pass):
                         alive = torch.ones(value.shape[dim], dtype=torch.bool)
                         alive[cuts[(fqn, dim)]] = False
                         value = value.index_select(dim, alive.nonzero().reshape(-1).to(value.device))
-                _replace(gm, fqn, value.contiguous().clone())
+                replace(gm, fqn, value.contiguous().clone())
             follow: dict[int, torch.Tensor] = {}  # storage -> its tensor in gm: tied weights stay tied
             for fqn, value in model.state_dict().items():  # untouched tensors follow the model, shared
                 if fqn in touched or fqn not in plan.program.state_dict:
                     continue
-                module, attr = _owner(gm, fqn)
+                module, attr = owner(gm, fqn)
                 if getattr(module, attr).data_ptr() != value.data_ptr():  # the model's values are not the capture's
                     if value.data_ptr() not in follow:
-                        _replace(gm, fqn, value)
+                        replace(gm, fqn, value)
                         follow[value.data_ptr()] = getattr(module, attr)
                     else:
                         setattr(module, attr, follow[value.data_ptr()])
@@ -382,7 +406,7 @@ class Materialize(Pass):
                 f"the materialized graph does not re-export ({type(e).__name__}: {e}); a shape constant or "
                 "slice of the plan is missing or wrong"
             ) from e
-        return PassResult(state.replace(model=program.module(), program=program), changed=bool(cuts) or bool(weights))
+        return PassResult(state.replace(model=program.module(), program=program), changed=bool(cuts or weights or shifts))
 
     def check_output(self, result: PassResult, state: PruneState) -> None:
         plan, small = state.plan, result.state.model
@@ -400,13 +424,15 @@ class Materialize(Pass):
             )
 
 
-def materialize_program(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> torch.export.ExportedProgram:
+def materialize_program(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None,
+                        shifts: Shifts | None = None) -> torch.export.ExportedProgram:
     """The physically smaller model as captured by ``Materialize``, ready for the exporters."""
     state = PruneState(model=model, example_inputs=tuple(plan.example_inputs), program=plan.program, plan=plan,
-                       masks=masks, weights=weights)
+                       masks=masks, weights=weights, shifts=shifts)
     return Materialize()(state).state.program
 
 
-def materialize(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None) -> torch.fx.GraphModule:
-    """The physically smaller model: ``small(x) == apply_masks(model, plan, masks, weights)(x)``."""
-    return materialize_program(model, plan, masks, weights).module()
+def materialize(model: nn.Module, plan: StructurePlan, masks: Masks, weights: Weights | None = None,
+                shifts: Shifts | None = None) -> torch.fx.GraphModule:
+    """The physically smaller model: ``small(x) == apply_masks(model, plan, masks, weights, shifts)(x)``."""
+    return materialize_program(model, plan, masks, weights, shifts).module()

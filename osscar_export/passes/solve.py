@@ -1,11 +1,18 @@
 """Solve: each group's layer problem, and the pass that decides every group's mask and re-fit.
 
 A group's solver problem (``layer_problem``, docs/design.md, "Solver"): each full consumer's Gram
-is damped on its own (λ_c = damp·mean diag), dead inputs' weight rows are zeroed (the reference's
-treatment), and a group with several consumers is stacked into one problem whose structure ``i``
+is centred when the re-fit has an intercept (``intercept``, below) and damped on its own
+(λ_c = damp·mean diag), dead inputs' weight rows are zeroed (the reference's treatment), and a group with several consumers is stacked into one problem whose structure ``i``
 owns the rows of structure ``i`` in every consumer (``d = Σ d_c``, H permuted block diagonal, W
 block diagonal). The layer problems are independent given the support, so the stacked objective
 is exactly the sum and its solution splits back per consumer.
+
+The intercept: a consumer ``y = xW + b`` re-fitted to ``W'`` keeps its best bias
+``b' = b + μ(Ŵ − W')`` (μ the mean calibration input), which removes the mean of what the pruned
+inputs contributed. Putting that ``b'`` back into the loss leaves ``½ tr((W'−Ŵ)ᵀ C (W'−Ŵ))`` with
+the centred Gram ``C = XᵀX − N μᵀμ``: the same solver problem on ``C``, then the bias shift
+(``GroupSolution.shifts``, added to the consumer's output by materialize). An input that is
+constant on the calibration data is then dead: its whole contribution moves into the bias.
 
 ``Solve`` runs in one of two modes (docs/design.md, "Calibrate"): ``dense`` solves every group on
 the unpruned model's Grams; ``sequential`` solves groups in graph order, each on inputs
@@ -42,6 +49,7 @@ class _Part:
     rows: int  # p_c
     col: int  # first output column of its block
     cols: int  # m_c
+    mean: torch.Tensor | None  # μ_c, the mean input row (float64 (p_c,)), when centred
 
 
 @dataclass
@@ -97,8 +105,27 @@ def structure_rows(consumer: Consumer, weight: torch.Tensor, count: int) -> torc
     return rows
 
 
-def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], damp: float) -> LayerProblem:
-    """Stack the group's full consumers into one solver problem (see the module docstring)."""
+def centred(grams: Grams, fqn: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(C, μ)`` of one consumer: its Gram centred on the mean input row μ (float64). Inputs whose
+    centred variance is rounding noise (below 1e-9 of their raw second moment: constant on the
+    data) get exact zero rows, so the solver treats them as dead."""
+    h = grams.xtx[fqn].to(torch.float64)
+    n = grams.rows.get(fqn, 0)
+    if n == 0:
+        return h, None
+    mean = grams.xsum[fqn].to(device=h.device, dtype=torch.float64) / n
+    c = h - n * torch.outer(mean, mean)
+    flat = torch.diagonal(c) <= 1e-9 * torch.diagonal(h)
+    if bool(flat.any()):
+        idx = flat.nonzero().reshape(-1)
+        c.index_fill_(0, idx, 0).index_fill_(1, idx, 0)
+    return c, mean
+
+
+def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], damp: float,
+                  intercept: bool = True) -> LayerProblem:
+    """Stack the group's full consumers into one solver problem (see the module docstring); with
+    ``intercept`` each consumer's Gram is centred (``centred``) and its bias re-fitted too."""
     consumers = list({c.weight: c for c in group.consumers if c.full}.values())
     if not consumers:
         raise PlanError(f"group {group.name} has no full consumer to re-fit")
@@ -109,7 +136,8 @@ def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], t
             raise PlanError(f"no Gram matrix for consumer {c.weight} of group {group.name}: calibrate did not see it")
         param = weight(c.weight)
         w = c.input_major(param.detach()).to(torch.float64).clone()
-        h = grams.xtx[c.weight].to(device=w.device, dtype=torch.float64)
+        h, mu = centred(grams, c.weight) if intercept else (grams.xtx[c.weight].to(torch.float64), None)
+        h = h.to(w.device)
         diag = torch.diagonal(h)
         w[diag == 0] = 0  # dead inputs: never fire, so their rows carry nothing (as the reference)
         mean = float(diag.mean())
@@ -117,7 +145,7 @@ def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], t
         hs.append(h + lam * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
         ws.append(w)
         orders.append(structure_rows(c, param, group.count).to(w.device) + base)
-        parts.append(_Part(c, base, w.shape[0], col, w.shape[1]))
+        parts.append(_Part(c, base, w.shape[0], col, w.shape[1], mu))
         base, col = base + w.shape[0], col + w.shape[1]
     H = torch.block_diag(*hs) if len(hs) > 1 else hs[0]
     W = torch.block_diag(*ws) if len(ws) > 1 else ws[0]
@@ -131,26 +159,28 @@ def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], t
 
 @dataclass(frozen=True)
 class GroupSolution:
-    """One group solved at one width: its mask, re-fitted consumer weights and their losses."""
+    """One group solved at one width: its mask, re-fitted consumer weights, their bias shifts
+    (with an intercept) and their losses."""
 
     mask: torch.Tensor  # bool (count,)
     weights: dict[str, torch.Tensor]  # consumer weight FQN -> re-fitted, parameter layout, on CPU
+    shifts: dict[str, torch.Tensor]  # consumer weight FQN -> μ(Ŵ − W'), float32 (outputs,), on CPU
     losses: dict[str, float]  # consumer weight FQN -> objective increase
 
 
 def solve_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], width: int,
-                method: str, damp: float) -> GroupSolution:
+                method: str, damp: float, intercept: bool = True) -> GroupSolution:
     """Keep ``width`` structures of ``group``, chosen by ``method`` on its layer problem (built from
     ``grams`` and the current ``weight``s), and re-fit its consumers."""
-    problem = layer_problem(group, grams, weight, damp)
+    problem = layer_problem(group, grams, weight, damp, intercept)
     result = solver.prune_layer(problem.H, problem.W, group_size=problem.d, width=width, method=method, damp=0.0)
     return _solution(group, problem, result, weight)
 
 
 def refit_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], mask: torch.Tensor,
-                damp: float) -> GroupSolution:
+                damp: float, intercept: bool = True) -> GroupSolution:
     """Re-fit ``group``'s consumers on a support chosen elsewhere (``mask``, e.g. an error curve's)."""
-    problem = layer_problem(group, grams, weight, damp)
+    problem = layer_problem(group, grams, weight, damp, intercept)
     result = solver.refit(problem.H, problem.W, group_size=problem.d, mask=mask, damp=0.0)
     return _solution(group, problem, result, weight)
 
@@ -158,11 +188,14 @@ def refit_group(group: StructureGroup, grams: Grams, weight: Callable[[str], tor
 def _solution(group: StructureGroup, problem: LayerProblem, result: solver.LayerSolution,
               weight: Callable[[str], torch.Tensor]) -> GroupSolution:
     w = torch.as_tensor(result.weight, dtype=torch.float64, device=problem.W.device)
-    weights = {}
-    for fqn, wc in problem.split(w).items():
-        c = next(c for c in group.consumers if c.weight == fqn)
-        weights[fqn] = c.from_input_major(wc, like=weight(fqn)).detach().cpu()
-    return GroupSolution(torch.as_tensor(result.mask, dtype=torch.bool).cpu(), weights, problem.losses(w))
+    weights, shifts = {}, {}
+    for part, (fqn, wc) in zip(problem.parts, problem.split(w).items()):
+        c, old = part.consumer, weight(fqn).detach()
+        weights[fqn] = c.from_input_major(wc, like=old).cpu()
+        if part.mean is not None:  # against the weight itself: rows zeroed as dead still count here
+            shift = (c.input_major(old).to(wc) - wc).T @ part.mean.to(wc)
+            shifts[fqn] = shift.to(torch.float32).cpu()
+    return GroupSolution(torch.as_tensor(result.mask, dtype=torch.bool).cpu(), weights, shifts, problem.losses(w))
 
 
 class Solve(Pass):
@@ -172,20 +205,20 @@ class Solve(Pass):
     calibrate cannot serve with a smaller width is an error). In dense mode the state's Grams are
     used when present, else computed for the groups to prune. ``changed`` is False: it decides,
     the model is not altered. It also fills the per-consumer layer losses (consumer weight FQN ->
-    ½‖X(W−Ŵ)‖² + ridge) the report shows.
+    ½‖X(W−Ŵ)‖² + ridge) the report shows, and with ``intercept`` the consumers' bias shifts.
     """
 
     name = "solve"
     requires = ("plan", "batches")
-    ensures = ("masks", "weights", "losses")
+    ensures = ("masks", "weights", "shifts", "losses")
 
     def __init__(self, method: str = "osscar", mode: str = "sequential", widths: Mapping[str, int] | None = None,
-                 damp: float = 0.01, progress: bool = True):
+                 damp: float = 0.01, progress: bool = True, intercept: bool = True):
         if method not in solver.METHODS:
             raise ValueError(f"method {method!r} is not one of {solver.METHODS}")
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
-        self.method, self.mode, self.damp, self.progress = method, mode, damp, progress
+        self.method, self.mode, self.damp, self.progress, self.intercept = method, mode, damp, progress, intercept
         self.widths = dict(widths or {})
 
     def check_input(self, state: PruneState) -> None:
@@ -207,12 +240,14 @@ class Solve(Pass):
                 raise PlanError(f"group {g.name!r} cannot be pruned: {blocked[g.name]}")
         masks = {g.name: torch.ones(g.count, dtype=torch.bool) for g in plan.groups}
         weights: dict[str, torch.Tensor] = {}
+        shifts: dict[str, torch.Tensor] = {}
         losses: dict[str, float] = {}
 
         def solve(group: StructureGroup, grams: Grams) -> GroupSolution:
-            solution = solve_group(group, grams, gm.get_parameter, self.widths[group.name], method, self.damp)
+            solution = solve_group(group, grams, gm.get_parameter, self.widths[group.name], method, self.damp, self.intercept)
             masks[group.name] = solution.mask
             weights.update(solution.weights)
+            shifts.update(solution.shifts)
             losses.update(solution.losses)
             return solution
 
@@ -226,5 +261,5 @@ class Solve(Pass):
             calibrator = SequentialCalibrator(plan, gm, check_batches(plan, state.batches))
             for group in tqdm(calibrator.order(todo), desc=f"prune ({method}, sequential)", disable=not self.progress, leave=False):
                 solution = solve(group, calibrator.stage(group))
-                zero_structures(gm, [group], {group.name: solution.mask}, solution.weights)
-        return PassResult(state.replace(masks=masks, weights=weights, losses=losses), changed=False)
+                zero_structures(gm, [group], {group.name: solution.mask}, solution.weights, solution.shifts)
+        return PassResult(state.replace(masks=masks, weights=weights, shifts=shifts, losses=losses), changed=False)
