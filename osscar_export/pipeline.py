@@ -36,6 +36,7 @@ from osscar_export.latency.timing import MeasureSettings, Timing, measure, measu
 from osscar_export.models import load_model
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
+from osscar_export.recover import recover
 from osscar_export.report import write_report
 from osscar_export.search import Candidate, Scorer, search_allocation
 from osscar_export.targets import Runnable, Target, get_target
@@ -243,6 +244,25 @@ def _faster(new: Attempt, best: Attempt | None) -> Attempt:
     return keep
 
 
+def _recover(prep: Prepared, cfg: JobConfig, kept: Attempt, dense: torch.nn.Module, label: str, log: Log) -> dict[str, Any]:
+    """Distil the kept model (``recover.recover``) and, when that helped, export it again over its
+    artifacts: recovery changes weights, not shapes, so the measured latency still holds."""
+    loaded, stages = prep.loaded, prep.stages
+    with stages("quality"):
+        one_shot = prep.task.quality(loaded, kept.result.model, dense, cfg.n_eval)
+    log(f"[{label}] one-shot {one_shot}; recovering for {cfg.recover_minutes:g} min ({cfg.recover_params}, {cfg.device})")
+    with stages("recover"):
+        program, done = recover(kept.result.program, loaded.example_inputs, dense, prep.calibration,
+                                prep.held_out or prep.calibration, prep.task, cfg.recover_minutes, cfg.recover_params,
+                                cfg.device, log)
+    if done.kept:
+        kept.result = dataclasses.replace(kept.result, program=program, model=program.module())
+        with stages("export"):
+            kept.artifacts = {"onnx": export_onnx(program, loaded.example_inputs, kept.folder / "model.onnx"),
+                              "pt2": save_program(program, loaded.example_inputs, kept.folder / "model.pt2")}
+    return {**dataclasses.asdict(done), "quality_one_shot": one_shot}
+
+
 def _publish_attempt(kept: Attempt, folder: Path) -> None:
     """Move the kept attempt's files up into the model's folder."""
     for f in kept.folder.iterdir():
@@ -304,6 +324,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                 if retry is None:
                     break
                 alloc, candidates = retry
+            recovery = _recover(prep, cfg, kept, dense_module, label, log) if cfg.recover_minutes else None
             _publish_attempt(kept, folder)
             for number, a in enumerate(attempts, 1):
                 a["kept"] = number == kept.number
@@ -316,7 +337,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                 quality = prep.task.quality(loaded, kept.result.model, dense_module, cfg.n_eval)
             log(f"[{label}] {quality} ({time.perf_counter() - stage:.0f} s)")
             outcomes.append(Outcome(label, budget, kept.allocation, kept.candidates, kept.result, kept.mode, kept.mode_losses,
-                                    kept.measured_ms, kept.noisy, quality, kept.artifacts, attempts))
+                                    kept.measured_ms, kept.noisy, quality, kept.artifacts, attempts, recovery))
         write_report(staging, cfg=cfg, task=prep.task, plan=plan, table=table, target=compiled_target,
                      explored=explored, outcomes=outcomes, calibration_samples=samples(prep.calibration),
                      held_out_samples=samples(prep.held_out), environment=_environment(), seconds=time.perf_counter() - t_start,

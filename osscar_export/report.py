@@ -55,6 +55,8 @@ REPORT_SCHEMA: dict[str, Any] = {
         "prediction_error": {"type": "number"},
         "quality": {"type": "object", "additionalProperties": _NUMBER_OR_NULL},
         "method": {"type": "string"},
+        "intercept": {"type": "boolean"},
+        "recovery": {"type": ["object", "null"]},  # recover.Recovery and the one-shot model's quality; null: none
         "mode": {"enum": ["sequential", "dense"]},
         "mode_losses": {"type": "object", "additionalProperties": _NUMBER_OR_NULL},
         "calibration": _object({
@@ -169,6 +171,8 @@ def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: J
         "prediction_error": (o.allocation.predicted_ms - o.measured_ms) / o.measured_ms,
         "quality": o.quality,
         "method": cfg.method,
+        "intercept": cfg.intercept,
+        "recovery": o.recovery,
         "mode": o.mode,
         "mode_losses": o.mode_losses,
         # what was asked for, and what the Grams and the held-out scoring really used (whole

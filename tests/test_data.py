@@ -69,6 +69,21 @@ def test_builtin_corpora_split_calibration_from_evaluation_documents():
         assert 3.5 < len(calib) / len(held) < 4.5  # every 5th document is held out
 
 
+def test_a_mix_of_corpora_calibrates_on_each_alike():
+    news = set(data.documents("bbc-news"))
+
+    def source_ids(texts, add_special_tokens=False):  # every word of a news article is token 1, else 2
+        return {"input_ids": [[1 if t.removesuffix("\n\n") in news else 2] * len(t.split()) for t in texts]}
+
+    windows = data.text_windows("bbc-news+wiki-summaries", source_ids, seq_len=16, n_windows=9, seed=0, batch=1)
+    rows = torch.cat([w[0] for w in windows])
+    assert rows.shape == (9, 16) and all(len(set(r.tolist())) == 1 for r in rows)  # no window spans two corpora
+    assert sorted(int(r[0]) for r in rows) == [1] * 5 + [2] * 4
+    assert [int(r[0]) for r in rows] != sorted(int(r[0]) for r in rows)  # shuffled together
+    assert data.is_text_corpus("python-docs+bbc-news") and not data.is_text_corpus("bbc-news+nope")
+    assert data.mix_parts("a+b.txt") == ["a+b.txt"]  # a file name with a plus is a file name
+
+
 def test_too_short_and_empty_text_are_rejected(counting_text, tmp_path):
     with pytest.raises(CalibrationDataError, match="1000 tokens = 10 windows of 100; 11 are needed"):
         data.text_windows(counting_text, WordIds(), seq_len=100, n_windows=11, seed=0)

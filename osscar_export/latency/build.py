@@ -43,6 +43,7 @@ from osscar_export.latency.table import (
     table_status,
 )
 from osscar_export.latency.timing import MeasureSettings, Timing, measure
+from osscar_export.memory import release_memory
 from osscar_export.onnx_slice import dense_onnx, slice_onnx
 from osscar_export.passes.materialize import materialize_program
 from osscar_export.plan import StructureGroup, StructurePlan
@@ -273,6 +274,7 @@ def _fit_artifacts(plan: StructurePlan, target: Target, points: Mapping[str, Map
                 onnxscript.optimizer.optimize(sliced)
                 ir.save(sliced, where / "model.onnx", external_data="model.onnx.data")
                 del sliced
+                release_memory()
                 artifacts[label] = where / "model.onnx"
                 continue
             except PlanError as e:
@@ -303,6 +305,7 @@ def _fit(table: LatencyTable, plan: StructurePlan, target: Target, settings: Mea
             for _ in range(FIT_ROUNDS):
                 for label, artifact in artifacts.items():
                     timing = measure(target.compile(artifact, plan.example_inputs), plan.example_inputs, settings)
+                    release_memory()  # the session just timed
                     if label not in best or timing.ms < best[label].ms:
                         best[label] = timing
                     bar.update()

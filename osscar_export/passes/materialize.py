@@ -295,7 +295,7 @@ def _sliced_shapes(plan: StructurePlan, masks: Mapping[str, torch.Tensor]) -> di
     return {k: torch.Size(v) for k, v in shapes.items()}
 
 
-def _dynamic_shapes(program: torch.export.ExportedProgram, args: tuple):
+def dynamic_shapes(program: torch.export.ExportedProgram, args: tuple):
     """The captured program's symbolic input dims as a ``dynamic_shapes`` spec (None if all static).
 
     Re-exporting the sliced graph with these keeps a dynamic batch or sequence dynamic; plain
@@ -399,7 +399,7 @@ class Materialize(Pass):
         gm.recompile()
         args = tuple(plan.example_inputs)
         try:
-            dims = _dynamic_shapes(plan.program, args)
+            dims = dynamic_shapes(plan.program, args)
             program = torch.export.export(gm, args, dynamic_shapes=dims, strict=False)
         except Exception as e:  # any trace failure here means the plan left something stale
             raise PlanError(
