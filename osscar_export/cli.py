@@ -82,6 +82,9 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-params", choices=("all", "norms-biases"), default="all",
                    help="what recovery trains (default all)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where recovery trains (default cpu)")
+    p.add_argument("--formats", default="",
+                   help="comma-separated artifacts to write: onnx, pt2, hf (a Hugging Face folder of a pruned Llama, "
+                        "Qwen2 or Mistral, loaded back with trust_remote_code=True); default: every one that applies")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
@@ -148,7 +151,7 @@ def run(argv: list[str], console: Console) -> int:
         out=args.out, force=args.force, tables=args.tables, seed=args.seed, clock=args.clock,
         search=not args.no_search,
         intercept=not args.no_intercept, recover_minutes=args.recover_minutes, recover_params=args.recover_params,
-        device=args.device,
+        device=args.device, formats=tuple(f for f in args.formats.split(",") if f),
     )
     if not cfg.latency_ms and not cfg.speedup:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")

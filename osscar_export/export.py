@@ -235,6 +235,38 @@ def save_program(
     return ExportReport(Path(path), "torch.export.load", diff, ref, atol, rtol, time.perf_counter() - t0)
 
 
+def export_hf(
+    lm: torch.nn.Module,
+    program: torch.export.ExportedProgram,
+    example_inputs: tuple,
+    folder: str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+) -> ExportReport:
+    """The pruned causal LM ``program`` as a Hugging Face folder (``hf_folder.save_hf_folder``;
+    ``lm`` is the dense model it was captured from, as ``lm.``), loaded back with transformers and
+    run on ``example_inputs`` (the input ids) against the program before it is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from osscar_export.hf_folder import save_hf_folder
+
+    t0 = time.perf_counter()
+    args = tuple(example_inputs)
+    want = _reference(program.module(), [args])[0]
+    save_hf_folder(lm, program.state_dict, Path(folder), tokenizer)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            got = [loaded(input_ids=args[0], use_cache=False).logits]
+        diff, ref = _compare(got, want, atol, rtol, "reloaded Hugging Face folder")
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)  # a folder that does not reproduce the model is not kept
+        raise
+    return ExportReport(Path(folder), "transformers.AutoModelForCausalLM", diff, ref, atol, rtol, time.perf_counter() - t0)
+
+
 _TRT_TO_TORCH = {
     "FLOAT": torch.float32,
     "HALF": torch.float16,

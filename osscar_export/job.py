@@ -34,6 +34,8 @@ from osscar_export.tasks import TASKS, Task
 # for the pipeline's rebuild loop, the report's "meets_budget" and the command's exit code: the
 # latency table's prediction and a single timing are both this uncertain.
 BUDGET_TOLERANCE = 0.02
+# what a job can write: ONNX, a torch.export archive, a Hugging Face folder (causal LMs)
+FORMATS = ("onnx", "pt2", "hf")
 
 
 def meets_budget(measured_ms: float, budget_ms: float) -> bool:
@@ -107,8 +109,12 @@ class JobConfig:
     recover_minutes: float = 0.0  # distil the pruned model against the dense one this long (recover.py); 0: off
     recover_params: str = "all"  # what recovery trains: "all" or "norms-biases"
     device: str = "cpu"  # where recovery trains
+    formats: tuple[str, ...] = ()  # of FORMATS; empty: every one that applies to the model (pipeline.output_formats)
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.formats) - set(FORMATS))
+        if unknown:
+            raise OsscarError(f"--formats {','.join(unknown)}: not a format; choose among {', '.join(FORMATS)}")
         if not (math.isfinite(self.recover_minutes) and self.recover_minutes >= 0):
             raise OsscarError(f"--recover-minutes {self.recover_minutes:g}: give a finite number of minutes, 0 for none")
         for ms in self.latency_ms:

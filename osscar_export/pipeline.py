@@ -27,13 +27,14 @@ from osscar_export import __version__, cache
 from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
 from osscar_export.atomic import DestinationExists, atomic_dir, sweep_staging
 from osscar_export.errors import InfeasibleBudgetError, OsscarError
-from osscar_export.export import export_onnx, save_program
-from osscar_export.job import (BUDGET_TOLERANCE, Attempt, JobConfig, Outcome, Prepared, Stages, calibration_data, check_budget,
+from osscar_export import hf_folder
+from osscar_export.export import export_hf, export_onnx, save_program
+from osscar_export.job import (BUDGET_TOLERANCE, FORMATS, Attempt, JobConfig, Outcome, Prepared, Stages, calibration_data, check_budget,
                                meets_budget, samples)
 from osscar_export.latency.build import measure_latency
 from osscar_export.latency.table import LatencyTable, lookup_dirs
 from osscar_export.latency.timing import MeasureSettings, Timing, measure, measure_settings
-from osscar_export.models import load_model
+from osscar_export.models import LoadedModel, load_model
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
 from osscar_export.recover import recover
@@ -244,6 +245,21 @@ def _faster(new: Attempt, best: Attempt | None) -> Attempt:
     return keep
 
 
+def output_formats(cfg: JobConfig, loaded: LoadedModel, target: Target) -> tuple[str, ...]:
+    """The formats the job writes: ``cfg.formats``, or every one that applies (``hf`` for a
+    Llama, Qwen2 or Mistral causal LM). An onnxruntime target times model.onnx, so it always
+    gets one."""
+    lm = getattr(loaded.model, "lm", None) if loaded.task == "causal-lm" else None
+    applies = ("onnx", "pt2") + (("hf",) if lm is not None and hf_folder.supported(lm) else ())
+    formats = cfg.formats or applies
+    if "hf" in formats and "hf" not in applies:
+        raise OsscarError(f"--formats hf: {loaded.name!r} is not a Llama, Qwen2 or Mistral causal LM, which is what "
+                          "a Hugging Face folder can be written for")
+    if target.runs_onnx and "onnx" not in formats:
+        raise OsscarError(f"--formats without onnx: the {target.name} target measures model.onnx; keep onnx in the list")
+    return tuple(f for f in FORMATS if f in formats)
+
+
 def _recover(prep: Prepared, cfg: JobConfig, kept: Attempt, dense: torch.nn.Module, label: str, log: Log) -> dict[str, Any]:
     """Distil the kept model (``recover.recover``) and, when that helped, export it again over its
     artifacts: recovery changes weights, not shapes, so the measured latency still holds."""
@@ -258,9 +274,18 @@ def _recover(prep: Prepared, cfg: JobConfig, kept: Attempt, dense: torch.nn.Modu
     if done.kept:
         kept.result = dataclasses.replace(kept.result, program=program, model=program.module())
         with stages("export"):
-            kept.artifacts = {"onnx": export_onnx(program, loaded.example_inputs, kept.folder / "model.onnx"),
-                              "pt2": save_program(program, loaded.example_inputs, kept.folder / "model.pt2")}
+            kept.artifacts = _export(program, loaded.example_inputs, kept.folder, cfg.formats)
     return {**dataclasses.asdict(done), "quality_one_shot": one_shot}
+
+
+def _export(program: torch.export.ExportedProgram, inputs: tuple, where: Path, formats: Sequence[str]) -> dict[str, Any]:
+    """The model's ONNX and ``.pt2`` files, those of ``formats``, each parity-checked."""
+    out = {}
+    if "onnx" in formats:
+        out["onnx"] = export_onnx(program, inputs, where / "model.onnx")
+    if "pt2" in formats:
+        out["pt2"] = save_program(program, inputs, where / "model.pt2")
+    return out
 
 
 def _publish_attempt(kept: Attempt, folder: Path) -> None:
@@ -289,6 +314,8 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
 
     dense_module = plan.program.module()
     compiled_target = prep.target
+    formats = output_formats(cfg, loaded, compiled_target)
+    cfg = dataclasses.replace(cfg, formats=formats)
     outcomes: list[Outcome] = []
     with publishing(cfg.out, cfg.force) as staging:
         for label, budget, alloc, candidates in allocations:
@@ -306,16 +333,14 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                 where = folder / f".attempt{number}"
                 where.mkdir()
                 with stages("export"):
-                    onnx_report = export_onnx(result.program, loaded.example_inputs, where / "model.onnx")
-                    pt2_report = save_program(result.program, loaded.example_inputs, where / "model.pt2")
-                log(f"[{label}] exported ONNX and .pt2 in {time.perf_counter() - stage:.0f} s; measuring")
+                    artifacts = _export(result.program, loaded.example_inputs, where, formats)
+                log(f"[{label}] exported {', '.join(artifacts)} in {time.perf_counter() - stage:.0f} s; measuring")
                 timed = where / "model.onnx" if compiled_target.runs_onnx else result.model
                 with stages("measure"):
                     timings = _timings(compiled_target.compile(timed, loaded.example_inputs), loaded.example_inputs,
                                        prep.settings, budget, label, log)
                 fastest = min(timings, key=lambda t: t.ms)
-                built = Attempt(number, alloc, candidates, result, mode, mode_losses, where, {"onnx": onnx_report, "pt2": pt2_report},
-                                fastest.ms, fastest.noisy)
+                built = Attempt(number, alloc, candidates, result, mode, mode_losses, where, artifacts, fastest.ms, fastest.noisy)
                 attempts.append({"predicted_ms": alloc.predicted_ms, "measured_ms": fastest.ms, "timings_ms": [t.ms for t in timings],
                                  "timed_runs": [t.runs for t in timings], "meets_budget": meets_budget(fastest.ms, budget)})
                 kept = _faster(built, kept)
@@ -325,6 +350,11 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                     break
                 alloc, candidates = retry
             recovery = _recover(prep, cfg, kept, dense_module, label, log) if cfg.recover_minutes else None
+            if "hf" in formats:
+                with stages("export"):
+                    kept.artifacts["hf"] = export_hf(loaded.model.lm, kept.result.program, loaded.example_inputs,
+                                                     kept.folder / "hf", loaded.tokenizer)
+                log(f"[{label}] Hugging Face folder written and loaded back")
             _publish_attempt(kept, folder)
             for number, a in enumerate(attempts, 1):
                 a["kept"] = number == kept.number

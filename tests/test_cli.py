@@ -154,3 +154,47 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path: Path) -> None:
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.fixture
+def tiny_llama_folder(tmp_path: Path) -> Path:
+    """A two-layer Llama (GQA) with random weights and a word-level tokenizer, as a Hugging Face folder."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "the", "a", "of", "to", "and", "in", "is", "for", "on", "that", "with", "said", "was", "it"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path / "tiny-llama"
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_causal_lm_job_recovers_and_writes_a_hugging_face_folder(tiny_llama_folder: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    monkeypatch.setenv("OSSCAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    out = tmp_path / "job"
+    code = main([str(tiny_llama_folder), "--seq-len", "16", "--n-calib", "8", "--levels", "4", "--speedup", "1.2",
+                 "--recover-minutes", "0.05", "--no-search", "--mode", "dense", "--tables", str(tmp_path / "tables"),
+                 "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    jsonschema.validate(report, REPORT_SCHEMA)
+    assert code == (0 if report["meets_budget"] else 3)
+    assert set(report["parity"]) == {"onnx", "pt2", "hf"}
+    recovery = report["recovery"]
+    assert recovery["steps"] > 0 and recovery["trained"] == "all" and "perplexity" in recovery["quality_one_shot"]
+    assert recovery["kept"] == (recovery["loss_after"] < recovery["loss_before"])
+    small = transformers.AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True)
+    ids = torch.randint(0, 64, (1, 16))
+    want = torch.export.load(out / "model.pt2").module()(ids)
+    torch.testing.assert_close(small(input_ids=ids).logits, want, rtol=1e-3, atol=1e-4)
+    kept = {g["name"]: g["kept"] for g in report["groups"]}
+    assert sum(kept.values()) < sum(g["count"] for g in report["groups"])
