@@ -24,8 +24,10 @@ from torch.utils import _pytree as pytree
 from osscar_export.atomic import atomic_path
 from osscar_export.errors import ParityError, TargetUnavailableError
 
-# A protobuf may not exceed 2 GiB; above this much weight data ONNX must keep it in a side file.
-_INLINE_WEIGHT_LIMIT = 1 << 30
+# Above this much weight data the ONNX keeps it in a side file: a protobuf may not exceed 2 GiB,
+# and one serialized in memory costs the model's size twice over at once (a 1 GB model's export
+# peaked 2 GB above the job's other memory).
+_INLINE_WEIGHT_LIMIT = 512 << 20
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -174,7 +176,7 @@ def export_onnx(
     dynamic dims; ``dynamic_shapes`` is then unused). Shapes are those of ``example_inputs``
     unless ``dynamic_shapes`` (as for torch.export) frees some; ``extra_inputs`` are further argument tuples to check, of other sizes along the dynamic
     dims if there are any. Parity: for every output, max|ort − torch| ≤ atol + rtol·max|torch|.
-    Models with more than 1 GiB of weights keep them in ``<name>.data`` beside the file; the side
+    Models with more than 512 MiB of weights keep them in ``<name>.data`` beside the file; the side
     file's name is written into the model, so the pair is staged under its final names in a
     temporary folder and moved into place together (side file first).
     """

@@ -220,11 +220,15 @@ def _is_causal_lm(config: Any) -> bool:
 def _load_hf_dir(path: Path, seq_len: int, batch: int) -> LoadedModel:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from osscar_export.hf_folder import MODELING_FILE
+
+    # a folder osscar-export wrote (per-layer sizes) runs the modeling file it ships; no other code
+    ours = (path / MODELING_FILE).exists()
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=ours)
         causal = _is_causal_lm(config)
         auto = AutoModelForCausalLM if causal else AutoModel
-        model = auto.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+        model = auto.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=ours)
         has_tokenizer = any((path / f).exists() for f in _TOKENIZER_FILES)
         tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
     except (OSError, ValueError, KeyError) as err:

@@ -103,6 +103,8 @@ def test_linear_gram_is_xtx_over_all_tokens(n_batches: int):
     torch.testing.assert_close(grams.xtx["fc2.weight"], x1.T @ x1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grams.xtx["fc3.weight"], x2.T @ x2, rtol=1e-5, atol=1e-5)
     assert grams.rows == {"fc2.weight": 15 * n_batches, "fc3.weight": 15 * n_batches}
+    torch.testing.assert_close(grams.xsum["fc2.weight"], x1.sum(0), rtol=1e-5, atol=1e-5)  # the intercept's column sums
+    torch.testing.assert_close(grams.xsum["fc3.weight"], x2.sum(0), rtol=1e-5, atol=1e-5)
     assert grams.xtx["fc2.weight"].dtype == torch.float64
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from osscar_export.cli import main
+from osscar_export.models import load_model
 from osscar_export.report import REPORT_SCHEMA, SUMMARY_SCHEMA
 
 
@@ -196,5 +197,7 @@ def test_causal_lm_job_recovers_and_writes_a_hugging_face_folder(tiny_llama_fold
     ids = torch.randint(0, 64, (1, 16))
     want = torch.export.load(out / "model.pt2").module()(ids)
     torch.testing.assert_close(small(input_ids=ids).logits, want, rtol=1e-3, atol=1e-4)
+    again = load_model(str(out / "hf"), seq_len=16)  # the pruned folder is itself a model spec, to prune further
+    torch.testing.assert_close(again.model(ids), want, rtol=1e-3, atol=1e-4)
     kept = {g["name"]: g["kept"] for g in report["groups"]}
     assert sum(kept.values()) < sum(g["count"] for g in report["groups"])
