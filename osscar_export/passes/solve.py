@@ -107,15 +107,16 @@ def structure_rows(consumer: Consumer, weight: torch.Tensor, count: int) -> torc
 
 def centred(grams: Grams, fqn: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(C, μ)`` of one consumer: its Gram centred on the mean input row μ (float64). Inputs whose
-    centred variance is rounding noise (below 1e-9 of their raw second moment: constant on the
-    data) get exact zero rows, so the solver treats them as dead."""
+    centred variance is rounding noise (below 1e-5 of their raw second moment: XᵀX is summed in
+    float32 blocks, so a constant input's variance comes out as ±1e-7 of it) get exact zero rows,
+    so the solver treats them as dead."""
     h = grams.xtx[fqn].to(torch.float64)
     n = grams.rows.get(fqn, 0)
     if n == 0:
         return h, None
     mean = grams.xsum[fqn].to(device=h.device, dtype=torch.float64) / n
     c = h - n * torch.outer(mean, mean)
-    flat = torch.diagonal(c) <= 1e-9 * torch.diagonal(h)
+    flat = torch.diagonal(c) <= 1e-5 * torch.diagonal(h)
     if bool(flat.any()):
         idx = flat.nonzero().reshape(-1)
         c.index_fill_(0, idx, 0).index_fill_(1, idx, 0)
