@@ -105,7 +105,7 @@ class JobConfig:
     seed: int = 0
     clock: str = "auto"  # "wall", "thread", or "auto" (see pipeline.measure_settings)
     search: bool = True  # score candidate allocations end to end (search.py); False: the plain knapsack
-    intercept: bool = True  # re-fit each consumer's bias too (passes/solve.py); False: weights only
+    intercept: bool = False  # re-fit each consumer's bias too (passes/solve.py): off, it measured worse (docs/results.md)
     recover_minutes: float = 0.0  # distil the pruned model against the dense one this long (recover.py); 0: off
     recover_params: str = "all"  # what recovery trains: "all" or "norms-biases"
     device: str = "cpu"  # where recovery trains

@@ -107,7 +107,7 @@ def prune(
     damp: float = 0.01,
     progress: bool = True,
     grams: Grams | None = None,
-    intercept: bool = True,
+    intercept: bool = False,
 ) -> PruneResult:
     """Prune ``model`` one-shot: every group keeps its width, consumers re-fit on calibration data.
 
@@ -167,7 +167,7 @@ def group_curve(
     method: str = "osscar-fast",
     damp: float = 0.01,
     cache_dir: str | Path | None = None,
-    intercept: bool = True,
+    intercept: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One group's error curve: widths, losses and the nested masks (bool, widths × count).
 
@@ -196,7 +196,7 @@ def error_curves(
     damp: float = 0.01,
     cache_dir: str | Path | None = None,
     progress: bool = True,
-    intercept: bool = True,
+    intercept: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every solvable group's ``(widths, losses)`` from dense Grams: the allocator's input.
 

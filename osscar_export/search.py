@@ -135,7 +135,7 @@ class Scorer:
 
     def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: Task,
                  damp: float = 0.01, cache_dir: str | Path | None = None, scores_file: Path | None = None,
-                 intercept: bool = True):
+                 intercept: bool = False):
         """``curves`` as ``error_curves`` made them (same damping and intercept; its ``cache_dir``
         holds the supports); ``batches`` are scored, and should be samples the Grams did not see. Scores
         are read from and saved to ``scores_file`` (``cache.scores_path``), so a re-run of the

@@ -37,7 +37,7 @@ def test_constant_structures_move_into_the_bias_exactly():
     batches = [torch.randn(4, 6) for _ in range(4)]
     plan = find_structures(model, (batches[0],))
     for mode in ("dense", "sequential"):
-        result = prune(model, batches, widths={"fc1.neuron": 4}, mode=mode, plan=plan, progress=False)
+        result = prune(model, batches, widths={"fc1.neuron": 4}, mode=mode, plan=plan, progress=False, intercept=True)
         assert result.masks["fc1.neuron"].tolist() == [True] * 4 + [False] * 4  # constant inputs are dead: they go first
         assert set(result.shifts) == {"fc2.weight"}
         assert "fc2.bias" in dict(result.model.named_parameters())  # added where the layer had none
@@ -58,7 +58,8 @@ def test_the_shift_is_least_squares_with_an_intercept_column():
     model = MLP()
     batches = [torch.randn(16, 6) + 2.0 for _ in range(4)]
     plan = find_structures(model, (batches[0],))
-    result = prune(model, batches, widths={"fc1.neuron": 3}, mode="dense", plan=plan, progress=False, damp=1e-10)
+    result = prune(model, batches, widths={"fc1.neuron": 3}, mode="dense", plan=plan, progress=False, damp=1e-10,
+                   intercept=True)
     keep = result.masks["fc1.neuron"]
     x = torch.cat([torch.relu(model.fc1(b)) for b in batches]).double().detach()
     target = x @ model.fc2.weight.T.double().detach()

@@ -124,7 +124,7 @@ def centred(grams: Grams, fqn: str) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def layer_problem(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], damp: float,
-                  intercept: bool = True) -> LayerProblem:
+                  intercept: bool = False) -> LayerProblem:
     """Stack the group's full consumers into one solver problem (see the module docstring); with
     ``intercept`` each consumer's Gram is centred (``centred``) and its bias re-fitted too."""
     consumers = list({c.weight: c for c in group.consumers if c.full}.values())
@@ -170,7 +170,7 @@ class GroupSolution:
 
 
 def solve_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], width: int,
-                method: str, damp: float, intercept: bool = True) -> GroupSolution:
+                method: str, damp: float, intercept: bool = False) -> GroupSolution:
     """Keep ``width`` structures of ``group``, chosen by ``method`` on its layer problem (built from
     ``grams`` and the current ``weight``s), and re-fit its consumers."""
     problem = layer_problem(group, grams, weight, damp, intercept)
@@ -179,7 +179,7 @@ def solve_group(group: StructureGroup, grams: Grams, weight: Callable[[str], tor
 
 
 def refit_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], mask: torch.Tensor,
-                damp: float, intercept: bool = True) -> GroupSolution:
+                damp: float, intercept: bool = False) -> GroupSolution:
     """Re-fit ``group``'s consumers on a support chosen elsewhere (``mask``, e.g. an error curve's)."""
     problem = layer_problem(group, grams, weight, damp, intercept)
     result = solver.refit(problem.H, problem.W, group_size=problem.d, mask=mask, damp=0.0)
@@ -214,7 +214,7 @@ class Solve(Pass):
     ensures = ("masks", "weights", "shifts", "losses")
 
     def __init__(self, method: str = "osscar", mode: str = "sequential", widths: Mapping[str, int] | None = None,
-                 damp: float = 0.01, progress: bool = True, intercept: bool = True):
+                 damp: float = 0.01, progress: bool = True, intercept: bool = False):
         if method not in solver.METHODS:
             raise ValueError(f"method {method!r} is not one of {solver.METHODS}")
         if mode not in MODES:
