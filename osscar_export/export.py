@@ -110,9 +110,6 @@ def _ort_session(path: Path, provider: str):
         )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # a parity check runs the model a few times: no pre-packed copy of the weights (for a
-    # 256k-token LM head, 0.7 GB more at the job's peak)
-    options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=[name])
 
 
