@@ -258,3 +258,24 @@ def test_standin_llm(tmp_path: Path) -> None:
     loaded = load_model(str(out), seq_len=8, batch=1, image_size=None)
     assert loaded.task == "causal-lm" and loaded.tokenizer is not None
     assert loaded.model(*loaded.example_inputs).shape == (1, 8, 50000)
+
+
+def test_eval_lm(tmp_path: Path) -> None:
+    """Perplexity per source of a job's output against its dense model: an unpruned "output" is 1.00× dense."""
+    from osscar_export.models import load_model
+
+    dense = tmp_path / "standin"
+    run_tool("standin_llm.py", "--out", dense, "--hidden", "64", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+             "--head-dim", "32", "--ffn", "64", "--vocab", "50000", tmp=tmp_path)
+    loaded = load_model(str(dense), seq_len=8, batch=1, image_size=None)
+    out = tmp_path / "job"
+    out.mkdir()
+    torch.export.save(torch.export.export(loaded.model, loaded.example_inputs, strict=False), out / "model.pt2")
+    (out / "report.json").write_text(json.dumps({"dense_ms": 2.0, "measured_ms": 1.0, "job_seconds": 60.0}))
+    proc = run_tool("eval_lm.py", out, "--model", dense, "--windows", "2", "--seq-len", "8", "--json", tmp_path / "rows.json",
+                    tmp=tmp_path)
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["name"] for r in rows] == ["dense", "job"] and rows[1]["speedup"] == 2.0
+    for source in load_tool("eval_lm.py").SOURCES:
+        assert finite(rows[0][source]) and rows[1][source] == pytest.approx(rows[0][source], rel=1e-4)
+    assert "(1.00×)" in proc.stdout
