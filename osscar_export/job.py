@@ -74,7 +74,6 @@ class Stages:
             self.peak_rss_mb[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
             release_memory()
 
-
     def summary(self) -> str:
         return ", ".join(f"{name} {s:.0f} s" for name, s in self.seconds.items()) + \
             f"; peak memory {max(self.peak_rss_mb.values(), default=0) / 1024:.1f} GiB"

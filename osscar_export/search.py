@@ -143,8 +143,9 @@ class Scorer:
         self.plan, self.grams, self.curves, self.task = plan, grams, curves, task
         self.batches = list(batches)
         self.damp, self.cache_dir, self.intercept = damp, cache_dir, intercept
-        self.work = writable_copy(plan)  # pruned in place per candidate, restored after
-        self._biases = {c.weight: bias(self.work, c) for g in plan.groups for c in g.consumers if c.full}
+        self.work = writable_copy(plan, intercept)  # pruned in place per candidate, restored after
+        # consumer weight FQN -> its bias and that bias's dense value, restored after each candidate
+        self._biases = {c.weight: bias(self.work, c) for g in plan.groups for c in g.consumers if c.full and intercept}
         self._dense_biases = {fqn: getattr(*owner(self.work, fqn)).clone() for fqn in self._biases.values()}
         self.dense_outputs = task.reference_outputs(self.work, self.batches)
         self._tails: _Tails | None | bool = False  # built on the first one-group score; None: too large to keep

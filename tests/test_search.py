@@ -192,3 +192,22 @@ def test_scores_are_saved_and_a_rerun_scores_nothing_twice(tmp_path, monkeypatch
     path.write_text("{not json")
     with pytest.warns(UserWarning, match="unusable"):
         assert Scorer(plan, grams, curves, batches, task=TASKS["encoder"], scores_file=path)._scores == {}
+
+
+def test_scorer_with_intercept_restores_the_biases_it_shifts():
+    torch.manual_seed(0)
+    batches = [(torch.randn(64, 16) + 1.0,) for _ in range(3)]
+    model = Mlp().eval()
+    plan = find_structures(model, batches[0])
+    (group,) = plan.groups
+    grams = calibrate(plan, batches)
+    curves = error_curves(plan, grams, [0.25, 0.5, 1.0], progress=False, intercept=True)
+    scorer = Scorer(plan, grams, curves, batches, task=TASKS["encoder"], intercept=True)
+    width = int(curves[group.name][0][0])
+    first = scorer({group.name: width})
+    with scorer.model({group.name: width}) as pruned:
+        assert not torch.equal(pruned.get_parameter("fc2.bias"), model.fc2.bias)  # the intercept moved it
+    assert torch.equal(scorer.work.get_parameter("fc2.bias"), model.fc2.bias)
+    assert scorer({group.name: group.count}) == pytest.approx(0.0, abs=1e-12)
+    scorer._scores.clear()  # score again from the restored working copy, not the memo
+    assert scorer({group.name: width}) == pytest.approx(first, rel=1e-6)

@@ -201,16 +201,17 @@ def zero_structures(module: nn.Module, groups: Iterable[StructureGroup], masks: 
                 param.index_fill_(c.input.dim, c.input.indices(gone).to(param.device), 0)
 
 
-def writable_copy(plan: StructurePlan) -> torch.fx.GraphModule:
-    """The captured model with private copies of its consumer weights and of its full consumers'
-    biases (made, zero, where a consumer has none), which ``zero_structures`` writes; every other
-    tensor is the capture's own, shared rather than copied (a deep copy doubled a
+def writable_copy(plan: StructurePlan, biases: bool = False) -> torch.fx.GraphModule:
+    """The captured model with private copies of its consumer weights, which ``zero_structures``
+    writes, and with ``biases`` (the re-fit's intercept) of its full consumers' biases too, made
+    (zero) up front where a consumer has none, so the graph does not change while it is run.
+    Every other tensor is the capture's own, shared rather than copied (a deep copy doubled a
     large-vocabulary model's embedding in memory for nothing)."""
     gm = plan.program.module()
     with torch.no_grad():
         for fqn in dict.fromkeys(c.weight for g in plan.groups for c in g.consumers):
             replace(gm, fqn, getattr(*owner(gm, fqn)).clone())
-        for c in {c.weight: c for g in plan.groups for c in g.consumers if c.full}.values():
+        for c in {c.weight: c for g in plan.groups for c in g.consumers if c.full and biases}.values():
             fqn = bias(gm, c)
             replace(gm, fqn, getattr(*owner(gm, fqn)).clone())
     return gm

@@ -233,7 +233,7 @@ class Solve(Pass):
     def run(self, state: PruneState) -> PassResult:
         plan, method = state.plan, self.method
         # sequential mode prunes its consumer weights in place; dense mode only reads them
-        gm = writable_copy(plan) if self.mode == "sequential" else plan.program.module()
+        gm = writable_copy(plan, self.intercept) if self.mode == "sequential" else plan.program.module()
         blocked = dict(blocked_groups(plan, gm))
         todo = [g for g in plan.groups if self.widths.get(g.name, g.count) < g.count]
         for g in todo:
