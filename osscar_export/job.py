@@ -161,14 +161,14 @@ class Prepared:
     calibration: list[tuple]  # about n_calib samples, in batches (a tensor file gives all it holds)
     n_calib: int  # the samples asked for
     held_out: list[tuple]  # further samples from the same source, never in the Grams: the search scores on them
-    grams: Grams  # dense, of the calibration data
+    grams: Grams | None  # dense, of the calibration data; None once dropped for the exports (pipeline._release)
     curves: dict[str, Any]
     curves_dir: Path  # the error curves' cache (with their supports)
     table: LatencyTable
     target: Target  # compiled for the model's example inputs
     settings: MeasureSettings  # how the table was and every model is timed
     stages: Stages = field(default_factory=Stages)
-    scorer: Scorer | None = None  # built on first use: it memoises solves across budgets
+    scorer: Scorer | None = None  # built on first use, dropped before the exports (pipeline._release)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from osscar_export.latency.build import measure_latency
 from osscar_export.latency.table import LatencyTable, lookup_dirs
 from osscar_export.latency.timing import MeasureSettings, Timing, measure, measure_settings
 from osscar_export.models import LoadedModel, load_model
+from osscar_export.passes.base import Grams
 from osscar_export.passes.structures import find_structures
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
 from osscar_export.recover import recover
@@ -172,11 +173,28 @@ def _scorer(prep: Prepared, cfg: JobConfig) -> Scorer:
     if prep.scorer is None:
         scored = prep.held_out or prep.calibration
         widths = {g: w for g, (w, _) in prep.curves.items()}
-        prep.scorer = Scorer(prep.plan, prep.grams, prep.curves, scored, prep.task, cache_dir=prep.curves_dir,
+        prep.scorer = Scorer(prep.plan, _grams(prep), prep.curves, scored, prep.task, cache_dir=prep.curves_dir,
                              scores_file=cache.scores_path(prep.plan, prep.calibration, scored, prep.task.name, widths,
                                                            prep.curves_dir.parent, cfg.intercept),
                              intercept=cfg.intercept)
     return prep.scorer
+
+
+def _grams(prep: Prepared) -> Grams:
+    """The dense Gram matrices, read back from the run's cache when the job dropped them to make
+    room for an export (``_release``)."""
+    if prep.grams is None:
+        prep.grams = cache.grams(prep.plan, prep.calibration, prep.curves_dir.parent, lambda _: None)
+    return prep.grams
+
+
+def _release(prep: Prepared) -> None:
+    """Drop what only allocating and pruning need before the exports, whose checks load the model
+    two more times (on the large-vocabulary stand-in this made the job's peak): the search's
+    working copy, memoised solves and paused runs, and the Gram matrices. Both are rebuilt from the
+    cache if a retry allocates again."""
+    prep.scorer = None
+    prep.grams = None
 
 
 def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log = print) -> tuple[PruneResult, str, dict[str, float]]:
@@ -185,7 +203,7 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
     each layer the pruned model's inputs, which helps language models, but with few distinct
     calibration photos it compounds their over-fitting (measured in docs/results.md)."""
     def pruned(mode: str) -> PruneResult:
-        return prune(None, prep.calibration, method=cfg.method, mode=mode, plan=prep.plan, widths=widths, grams=prep.grams,
+        return prune(None, prep.calibration, method=cfg.method, mode=mode, plan=prep.plan, widths=widths, grams=_grams(prep),
                      intercept=cfg.intercept)
 
     if cfg.mode != "best":
@@ -327,6 +345,7 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
                 log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
                 with stages("prune"):
                     result, mode, mode_losses = final_prune(prep, cfg, alloc.widths, log)
+                    _release(prep)
                 log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
                 stage = time.perf_counter()
                 number = len(attempts) + 1

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
-from osscar_export import pipeline
+from osscar_export import cache, pipeline
 from osscar_export.cli import EXIT_BUDGET_MISSED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
 from osscar_export.errors import ParityError
-from osscar_export.job import BUDGET_TOLERANCE
+from osscar_export.job import BUDGET_TOLERANCE, JobConfig
 from osscar_export.latency.timing import Timing
 from osscar_export.models import LoadedModel
 from osscar_export.pipeline import BUDGET_RETRIES
@@ -257,3 +257,22 @@ def test_each_tasks_quality_metric_on_real_held_out_data() -> None:
     assert TASKS["image-classification"].quality(LoadedModel(clf, (torch.zeros(2, 3, 8, 8),), "cnn", "image-classification"),
                                                  clf, clf, 4) == {}
     assert TASKS["generic"].quality(loaded, other_clf, clf, 4) == {}
+
+
+def test_the_exports_run_without_the_search_and_the_grams(tiny: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before exporting, the job drops the search's working copy and the Gram matrices (on a large
+    model they made the peak); a retry reads the Grams back from the cache, not by calibrating
+    again, and prunes to the same model."""
+    cfg = JobConfig(model=tiny["spec"], calib=tiny["calib"], n_calib=4, levels=4, tables=Path(tiny["tables"]),
+                    speedup=(1.2,), method="mp")
+    prep = pipeline.prepare(cfg, log=lambda _: None)
+    widths = {g: w[len(w) // 2] for g, (w, _) in prep.curves.items()}
+    first, mode, _ = pipeline.final_prune(prep, cfg, widths, log=lambda _: None)
+    grams = prep.grams
+    assert prep.scorer is not None  # --mode best scored both modes on held-out data
+    pipeline._release(prep)
+    assert prep.scorer is None and prep.grams is None
+    monkeypatch.setattr(cache, "calibrate", lambda *a: pytest.fail("calibrated again"))
+    again, mode_again, _ = pipeline.final_prune(prep, cfg, widths, log=lambda _: None)
+    assert all(torch.equal(prep.grams.xtx[k], grams.xtx[k]) for k in grams.xtx)
+    assert mode_again == mode and all(torch.equal(again.masks[g], first.masks[g]) for g in first.masks)
