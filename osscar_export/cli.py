@@ -1,6 +1,6 @@
 """``osscar-export``: the command line.
 
-    osscar-export MODEL --latency-ms 8 [6 4 ...] | --speedup 1.5 [2 ...] [options]
+    osscar-export MODEL --latency-ms 8 [6 4 ...] | --speedup 1.5 [2 ...] | --keep-fraction F [options]
     osscar-export inspect MODEL
 
 Exit codes: EXIT_OK, EXIT_ERROR, EXIT_BUDGET_MISSED, EXIT_INTERRUPTED (also in ``--help``).
@@ -57,6 +57,9 @@ def _job_parser() -> argparse.ArgumentParser:
     budget.add_argument("--latency-ms", nargs="+", default=[], metavar="MS", help="latency budgets in milliseconds (finite, above 0)")
     budget.add_argument("--speedup", nargs="+", default=[], metavar="S",
                         help="speedups over the dense model's measured latency (finite, above 1: 1 is the dense model itself)")
+    budget.add_argument("--keep-fraction", default=None, metavar="F",
+                        help="instead of a budget, keep this fraction of every group (0.5), or per kind "
+                             "(neuron=0.5,kv_group=0.67; kinds not named stay whole): no latency table, search or timing")
     p.add_argument("--target", default="ort-cpu", choices=["ort-cpu", "ort-cuda", "tensorrt", "torch"], help="runtime to measure and meet the budget on")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads of the target (default 1)")
     p.add_argument("--clock", default="auto", choices=["auto", "wall", "thread"],
@@ -142,7 +145,7 @@ def inspect(argv: list[str], console: Console) -> None:
 def run(argv: list[str], console: Console) -> int:
     """Run the job; EXIT_BUDGET_MISSED when a model it wrote is over its budget."""
     args = _job_parser().parse_args(argv)
-    from osscar_export.job import JobConfig
+    from osscar_export.job import JobConfig, parse_keep_fraction
     from osscar_export.pipeline import parse_budgets, run_job
 
     cfg = JobConfig(
@@ -153,9 +156,10 @@ def run(argv: list[str], console: Console) -> int:
         search=not args.no_search,
         intercept=args.intercept, recover_minutes=args.recover_minutes, recover_params=args.recover_params,
         device=args.device, formats=tuple(f for f in args.formats.split(",") if f),
+        keep_fraction=parse_keep_fraction(args.keep_fraction) if args.keep_fraction is not None else (),
     )
-    if not cfg.latency_ms and not cfg.speedup:
-        raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...]")
+    if not cfg.latency_ms and not cfg.speedup and not cfg.keep_fraction:
+        raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...], or fixed fractions: --keep-fraction F")
     if args.dry_run:
         return dry_run(cfg, console)
     outcomes = run_job(cfg, log=lambda msg: console.log(msg))
@@ -163,9 +167,10 @@ def run(argv: list[str], console: Console) -> int:
     for col in ("model", "budget ms", "predicted ms", "measured ms", "budget", "quality"):
         summary.add_column(col)
     for o in outcomes:
-        summary.add_row(o.label, f"{o.budget_ms:.2f}", f"{o.allocation.predicted_ms:.2f}",
-                        f"{o.measured_ms:.2f}" + (" (noisy)" if o.noisy else ""),
-                        "met" if o.meets_budget else "[bold red]MISSED[/]",
+        timed = o.budget_ms is not None
+        summary.add_row(o.label, f"{o.budget_ms:.2f}" if timed else "-", f"{o.allocation.predicted_ms:.2f}" if timed else "-",
+                        f"{o.measured_ms:.2f}" + (" (noisy)" if o.noisy else "") if timed else "-",
+                        ("met" if o.meets_budget else "[bold red]MISSED[/]") if timed else "none",
                         ", ".join(f"{k} {v:.4g}" for k, v in o.quality.items()))
     console.print(summary)
     missed = [o for o in outcomes if not o.meets_budget]

@@ -82,7 +82,7 @@ def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
     settings = measure_settings(cfg.clock, target)
     found, table = table_status(lookup_dirs(cfg.tables), target.for_inputs(loaded.example_inputs),
                                 graph_signature(plan.program), asdict(settings))
-    budgets = len(cfg.latency_ms) + len(cfg.speedup)
+    budgets = len(cfg.latency_ms) + len(cfg.speedup) or 1  # --keep-fraction: one model, nothing timed
     modes = 2 if cfg.mode == "best" else 1
     samples, held = len(calibration) * batch, (len(held_out) or len(calibration)) * batch
     groups = len(plan.groups)
@@ -108,4 +108,6 @@ def dry_run(cfg: JobConfig) -> tuple[StructurePlan, list[StagePlan]]:
         StagePlan("measure", "each model timed (twice when over its budget)", budgets * COST["timing_s"]),
         StagePlan("quality", f"{cfg.n_eval} held-out samples per model", budgets * 2 * cfg.n_eval * fwd),
     ]
+    if cfg.keep_fraction:
+        stages = [s for s in stages if s.stage not in ("error curves", "latency table", "allocate", "measure")]
     return plan, stages

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from osscar_export import cache
 from osscar_export.allocate import Allocation
@@ -24,7 +24,7 @@ from osscar_export.latency.timing import MeasureSettings
 from osscar_export.memory import release_memory
 from osscar_export.models import LoadedModel
 from osscar_export.passes.base import Grams
-from osscar_export.plan import StructurePlan
+from osscar_export.plan import GroupKind, StructurePlan
 from osscar_export.prune import PruneResult
 from osscar_export.search import Candidate, Scorer
 from osscar_export.targets import Target
@@ -53,6 +53,44 @@ def check_budget(value: float, flag: str) -> float:
             "a latency budget must be a finite number of milliseconds above 0"
         raise OsscarError(f"{flag} {value:g}: {what}")
     return value
+
+
+def parse_keep_fraction(text: str) -> tuple[tuple[str, float], ...]:
+    """``--keep-fraction``: one fraction for every kind (``0.5``) or fractions per kind
+    (``neuron=0.5,kv_group=0.67``; kinds not named stay whole), as ``(kind, fraction)`` pairs,
+    ``"*"`` standing for every kind. Values are checked by ``JobConfig``."""
+    def number(value: str, what: str) -> float:
+        try:
+            return float(value)
+        except ValueError:
+            raise OsscarError(f"--keep-fraction {text}: {what} {value!r} is not a number") from None
+
+    text = text.strip()
+    if "=" not in text:
+        return (("*", number(text, "the fraction")),)
+    pairs = []
+    for item in text.split(","):
+        kind, sep, value = item.partition("=")
+        if not sep:
+            raise OsscarError(f"--keep-fraction {text}: {item!r} is not KIND=FRACTION; give one number, or KIND=FRACTION,...")
+        pairs.append((kind.strip(), number(value.strip(), f"the fraction of {kind.strip()}")))
+    return tuple(pairs)
+
+
+def check_keep_fraction(pairs: tuple[tuple[str, float], ...]) -> None:
+    """Fractions in (0, 1] of known kinds, each kind once: a fraction above 1 or at 0 is no
+    pruning or no layer, and a misspelt kind would silently keep that kind whole."""
+    kinds = get_args(GroupKind)
+    seen = set()
+    for kind, f in pairs:
+        if kind != "*" and kind not in kinds:
+            raise OsscarError(f"--keep-fraction: unknown kind {kind!r}; the kinds are {', '.join(kinds)}")
+        if kind in seen:
+            raise OsscarError(f"--keep-fraction: {kind!r} is given twice")
+        seen.add(kind)
+        if not (math.isfinite(f) and 0 < f <= 1):
+            raise OsscarError(f"--keep-fraction {'' if kind == '*' else kind + '='}{f:g}: a kept fraction must be above 0 "
+                              "and at most 1")
 
 
 class Stages:
@@ -109,6 +147,7 @@ class JobConfig:
     recover_params: str = "all"  # what recovery trains: "all" or "norms-biases"
     device: str = "cpu"  # where recovery trains
     formats: tuple[str, ...] = ()  # of FORMATS; empty: every one that applies to the model (pipeline.output_formats)
+    keep_fraction: tuple[tuple[str, float], ...] = ()  # (kind or "*", fraction): replaces a budget (parse_keep_fraction)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.formats) - set(FORMATS))
@@ -120,6 +159,9 @@ class JobConfig:
             check_budget(ms, "--latency-ms")
         for s in self.speedup:
             check_budget(s, "--speedup")
+        check_keep_fraction(self.keep_fraction)
+        if self.keep_fraction and (self.latency_ms or self.speedup):
+            raise OsscarError("--keep-fraction replaces a latency budget: give it or --latency-ms / --speedup, not both")
 
 
 def samples(batches: list[tuple]) -> int:
@@ -162,13 +204,14 @@ class Prepared:
     n_calib: int  # the samples asked for
     held_out: list[tuple]  # further samples from the same source, never in the Grams: the search scores on them
     grams: Grams | None  # dense, of the calibration data; None once dropped for the exports (pipeline._release)
-    curves: dict[str, Any]
+    curves: dict[str, Any] | None  # None with --keep-fraction, which needs neither curves nor a table
     curves_dir: Path  # the error curves' cache (with their supports)
-    table: LatencyTable
+    table: LatencyTable | None
     target: Target  # compiled for the model's example inputs
     settings: MeasureSettings  # how the table was and every model is timed
     stages: Stages = field(default_factory=Stages)
     scorer: Scorer | None = None  # built on first use, dropped before the exports (pipeline._release)
+    reference: tuple[list[tuple], list[Any]] | None = None  # scored batches and dense outputs there (pipeline._reference)
 
 
 @dataclass
@@ -177,29 +220,30 @@ class Attempt:
     allocation) and the job keeps the fastest, so each has its own artifacts until then."""
 
     number: int  # 1 for the first model built for the budget
-    allocation: Allocation
+    allocation: Allocation | None  # None with --keep-fraction
     candidates: list[Candidate]
     result: PruneResult
     mode: str
     mode_losses: dict[str, float]
     folder: Path  # its model.onnx and model.pt2
     artifacts: dict[str, Any]  # the export reports (parity)
-    measured_ms: float  # the lower of its timings: interference only ever slows a run down
+    measured_ms: float | None  # the lower of its timings (interference only ever slows a run down); None: not timed
     noisy: bool  # that timing never measured clean
 
 
 @dataclass
 class Outcome:
-    """One pruned model of the family: its budget, allocation, measurements and quality."""
+    """One pruned model of the family: its budget, allocation, measurements and quality; with
+    ``--keep-fraction`` there is no budget, allocation or measurement (None)."""
 
     label: str
-    budget_ms: float
-    allocation: Allocation
+    budget_ms: float | None
+    allocation: Allocation | None
     candidates: list[Candidate]  # allocations scored end to end by the search (empty without it)
     result: PruneResult
     mode: str  # the final prune's calibration mode
     mode_losses: dict[str, float]  # held-out end-to-end loss of each mode tried (empty when one was asked for)
-    measured_ms: float
+    measured_ms: float | None
     noisy: bool
     quality: dict[str, float]
     artifacts: dict[str, Any] = field(default_factory=dict)
@@ -208,4 +252,7 @@ class Outcome:
 
     @property
     def meets_budget(self) -> bool:
+        """Whether the model meets its budget; one without a budget has nothing to miss."""
+        if self.budget_ms is None:
+            return True
         return meets_budget(self.measured_ms, self.budget_ms)

@@ -37,6 +37,7 @@ from osscar_export.latency.timing import MeasureSettings, Timing, measure, measu
 from osscar_export.models import LoadedModel, load_model
 from osscar_export.passes.base import Grams
 from osscar_export.passes.structures import find_structures
+from osscar_export.widths import fixed_widths
 from osscar_export.prune import MODES, PruneResult, error_curves, prune
 from osscar_export.recover import recover
 from osscar_export.report import write_report
@@ -143,17 +144,19 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     log(f"calibrating on {len(calibration)} batches (cache: {work})")
     with stages("calibrate"):
         grams = cache.grams(plan, calibration, work, log)
-    log(f"error curves at {cfg.levels} widths per group")
-    with stages("error curves"):
-        curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves", intercept=cfg.intercept)
-
     settings = measure_settings(cfg.clock, target)
-    log(f"latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
-    with stages("latency table"):
-        table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
-                                cache_dir=lookup_dirs(cfg.tables), log=log)
-    fastest = min_latency_ms(curves, table)
-    log(f"dense {table.dense_ms:.2f} ms; fastest reachable {fastest:.2f} ms (predicted)")
+    curves, table = None, None
+    if cfg.keep_fraction:
+        log("fixed fractions: no error curves, latency table or search")
+    else:
+        log(f"error curves at {cfg.levels} widths per group")
+        with stages("error curves"):
+            curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves", intercept=cfg.intercept)
+        log(f"latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
+        with stages("latency table"):
+            table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
+                                    cache_dir=lookup_dirs(cfg.tables), log=log)
+        log(f"dense {table.dense_ms:.2f} ms; fastest reachable {min_latency_ms(curves, table):.2f} ms (predicted)")
     return Prepared(loaded, task, plan, calibration, n_calib, held_out, grams, curves, work / "curves", table,
                     target.for_inputs(loaded.example_inputs), settings, stages)
 
@@ -171,13 +174,22 @@ def choose_allocation(prep: Prepared, cfg: JobConfig, budget_ms: float, log: Log
 
 def _scorer(prep: Prepared, cfg: JobConfig) -> Scorer:
     if prep.scorer is None:
-        scored = prep.held_out or prep.calibration
+        scored = _reference(prep)[0]
         widths = {g: w for g, (w, _) in prep.curves.items()}
         prep.scorer = Scorer(prep.plan, _grams(prep), prep.curves, scored, prep.task, cache_dir=prep.curves_dir,
                              scores_file=cache.scores_path(prep.plan, prep.calibration, scored, prep.task.name, widths,
                                                            prep.curves_dir.parent, cfg.intercept),
-                             intercept=cfg.intercept)
+                             intercept=cfg.intercept, dense_outputs=_reference(prep)[1])
     return prep.scorer
+
+
+def _reference(prep: Prepared) -> tuple[list[tuple], list[torch.Tensor | None]]:
+    """The batches the search and the choice of prune mode score on (held out when there are
+    any), and the dense model's outputs there, computed once per job."""
+    if prep.reference is None:
+        scored = prep.held_out or prep.calibration
+        prep.reference = (scored, prep.task.reference_outputs(prep.plan.program.module(), scored))
+    return prep.reference
 
 
 def _grams(prep: Prepared) -> Grams:
@@ -208,11 +220,11 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
 
     if cfg.mode != "best":
         return pruned(cfg.mode), cfg.mode, {}
-    scorer = _scorer(prep, cfg)
+    scored, dense_outputs = _reference(prep)
     kept, best, losses = None, "", {}
     for mode in MODES:  # one pruned model in memory besides the one kept
         result = pruned(mode)
-        losses[mode] = prep.task.end_to_end_loss(result.model, scorer.batches, scorer.dense_outputs)
+        losses[mode] = prep.task.end_to_end_loss(result.model, scored, dense_outputs)
         if kept is None or losses[mode] < losses[best]:
             kept, best = result, mode
         del result
@@ -322,77 +334,110 @@ def run_job(cfg: JobConfig, log: Log = print) -> list[Outcome]:
     t_start = time.perf_counter()
     prep = prepare(cfg, log)
     cfg = dataclasses.replace(cfg, n_calib=prep.n_calib)  # the report says what was asked for (and what was used)
-    loaded, plan, curves, table = prep.loaded, prep.plan, prep.curves, prep.table
-
-    budgets = _budgets(cfg, table)
-    stages = prep.stages
-    with stages("allocate"):
-        allocations = [(label, ms, *choose_allocation(prep, cfg, ms, log)) for label, ms in budgets]
-        explored = tradeoff(curves, table, points=24)
-
-    dense_module = plan.program.module()
-    compiled_target = prep.target
-    formats = output_formats(cfg, loaded, compiled_target)
+    formats = output_formats(cfg, prep.loaded, prep.target)
     cfg = dataclasses.replace(cfg, formats=formats)
-    outcomes: list[Outcome] = []
     with publishing(cfg.out, cfg.force) as staging:
-        for label, budget, alloc, candidates in allocations:
-            folder = staging if len(allocations) == 1 else staging / label
-            folder.mkdir(parents=True, exist_ok=True)
-            attempts: list[dict[str, Any]] = []
-            kept: Attempt | None = None
-            while True:
-                log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
-                with stages("prune"):
-                    result, mode, mode_losses = final_prune(prep, cfg, alloc.widths, log)
-                    _release(prep)
-                log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
-                stage = time.perf_counter()
-                number = len(attempts) + 1
-                where = folder / f".attempt{number}"
-                where.mkdir()
-                with stages("export"):
-                    artifacts = _export(result.program, loaded.example_inputs, where, formats)
-                log(f"[{label}] exported {', '.join(artifacts)} in {time.perf_counter() - stage:.0f} s; measuring")
-                timed = where / "model.onnx" if compiled_target.runs_onnx else result.model
-                with stages("measure"):
-                    timings = _timings(compiled_target.compile(timed, loaded.example_inputs), loaded.example_inputs,
-                                       prep.settings, budget, label, log)
-                fastest = min(timings, key=lambda t: t.ms)
-                built = Attempt(number, alloc, candidates, result, mode, mode_losses, where, artifacts, fastest.ms, fastest.noisy)
-                attempts.append({"predicted_ms": alloc.predicted_ms, "measured_ms": fastest.ms, "timings_ms": [t.ms for t in timings],
-                                 "timed_runs": [t.runs for t in timings], "meets_budget": meets_budget(fastest.ms, budget)})
-                kept = _faster(built, kept)
-                with stages("allocate"):
-                    retry = _tighter_allocation(prep, cfg, budget, alloc, fastest.ms, len(attempts), log)
-                if retry is None:
-                    break
-                alloc, candidates = retry
-            recovery = _recover(prep, cfg, kept, dense_module, label, log) if cfg.recover_minutes else None
-            if "hf" in formats:
-                with stages("export"):
-                    kept.artifacts["hf"] = export_hf(loaded.model.lm, kept.result.program, loaded.example_inputs,
-                                                     kept.folder / "hf", loaded.tokenizer)
-                log(f"[{label}] Hugging Face folder written and loaded back")
-            _publish_attempt(kept, folder)
-            for number, a in enumerate(attempts, 1):
-                a["kept"] = number == kept.number
-            if not meets_budget(kept.measured_ms, budget):
-                log(f"[{label}] BUDGET MISSED: the fastest of {len(attempts)} model(s) measured {kept.measured_ms:.2f} ms, "
-                    f"{100 * (kept.measured_ms / budget - 1):.1f}% over {budget:.2f} ms (tolerance {100 * BUDGET_TOLERANCE:g}%); "
-                    "keeping it")
-            stage = time.perf_counter()
-            with stages("quality"):
-                quality = prep.task.quality(loaded, kept.result.model, dense_module, cfg.n_eval)
-            log(f"[{label}] {quality} ({time.perf_counter() - stage:.0f} s)")
-            outcomes.append(Outcome(label, budget, kept.allocation, kept.candidates, kept.result, kept.mode, kept.mode_losses,
-                                    kept.measured_ms, kept.noisy, quality, kept.artifacts, attempts, recovery))
-        write_report(staging, cfg=cfg, task=prep.task, plan=plan, table=table, target=compiled_target,
+        if cfg.keep_fraction:
+            outcomes, explored = [_fixed_fractions(prep, cfg, staging, log)], []
+        else:
+            outcomes, explored = _budget_family(prep, cfg, staging, log)
+        write_report(staging, cfg=cfg, task=prep.task, plan=prep.plan, table=prep.table, target=prep.target,
                      explored=explored, outcomes=outcomes, calibration_samples=samples(prep.calibration),
                      held_out_samples=samples(prep.held_out), environment=_environment(), seconds=time.perf_counter() - t_start,
-                     stages=stages)
-    log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s ({stages.summary()})")
+                     stages=prep.stages)
+    log(f"wrote {cfg.out} in {time.perf_counter() - t_start:.0f} s ({prep.stages.summary()})")
     return outcomes
+
+
+def _budget_family(prep: Prepared, cfg: JobConfig, staging: Path, log: Log) -> tuple[list[Outcome], list[Allocation]]:
+    """One model per budget, each rebuilt while it misses its budget, and the allocations
+    explored along the way (for tradeoff.png)."""
+    loaded, stages, compiled_target = prep.loaded, prep.stages, prep.target
+    budgets = _budgets(cfg, prep.table)
+    with stages("allocate"):
+        allocations = [(label, ms, *choose_allocation(prep, cfg, ms, log)) for label, ms in budgets]
+        explored = tradeoff(prep.curves, prep.table, points=24)
+    outcomes: list[Outcome] = []
+    for label, budget, alloc, candidates in allocations:
+        folder = staging if len(allocations) == 1 else staging / label
+        folder.mkdir(parents=True, exist_ok=True)
+        attempts: list[dict[str, Any]] = []
+        kept: Attempt | None = None
+        while True:
+            log(f"[{label}] pruning to {budget:.2f} ms (predicted {alloc.predicted_ms:.2f} ms) with {cfg.method}/{cfg.mode}")
+            built = _build(prep, cfg, alloc.widths, folder / f".attempt{len(attempts) + 1}", label, log)
+            timed = built.folder / "model.onnx" if compiled_target.runs_onnx else built.result.model
+            with stages("measure"):
+                timings = _timings(compiled_target.compile(timed, loaded.example_inputs), loaded.example_inputs,
+                                   prep.settings, budget, label, log)
+            fastest = min(timings, key=lambda t: t.ms)
+            built = dataclasses.replace(built, number=len(attempts) + 1, allocation=alloc, candidates=candidates,
+                                        measured_ms=fastest.ms, noisy=fastest.noisy)
+            attempts.append({"predicted_ms": alloc.predicted_ms, "measured_ms": fastest.ms, "timings_ms": [t.ms for t in timings],
+                             "timed_runs": [t.runs for t in timings], "meets_budget": meets_budget(fastest.ms, budget)})
+            kept = _faster(built, kept)
+            with stages("allocate"):
+                retry = _tighter_allocation(prep, cfg, budget, alloc, fastest.ms, len(attempts), log)
+            if retry is None:
+                break
+            alloc, candidates = retry
+        for number, a in enumerate(attempts, 1):
+            a["kept"] = number == kept.number
+        if not meets_budget(kept.measured_ms, budget):
+            log(f"[{label}] BUDGET MISSED: the fastest of {len(attempts)} model(s) measured {kept.measured_ms:.2f} ms, "
+                f"{100 * (kept.measured_ms / budget - 1):.1f}% over {budget:.2f} ms (tolerance {100 * BUDGET_TOLERANCE:g}%); "
+                "keeping it")
+        outcomes.append(_finish(prep, cfg, kept, label, budget, folder, attempts, log))
+    return outcomes, explored
+
+
+def _fixed_fractions(prep: Prepared, cfg: JobConfig, staging: Path, log: Log) -> Outcome:
+    """``--keep-fraction``: the model pruned to the asked fractions, with no budget to meet, so
+    nothing is timed."""
+    widths = fixed_widths(prep.plan.groups, cfg.keep_fraction)
+    label = "keep " + ",".join(f"{k}={f:g}" if k != "*" else f"{f:g}" for k, f in cfg.keep_fraction)
+    missing = sorted({k for k, _ in cfg.keep_fraction} - {g.kind for g in prep.plan.groups} - {"*"})
+    if missing:
+        log(f"warning: the model has no prunable {', '.join(missing)} groups; those fractions change nothing")
+    log(f"[{label}] pruning {sum(w < prep.plan.group(g).count for g, w in widths.items())} of {len(widths)} groups "
+        f"with {cfg.method}/{cfg.mode}")
+    built = _build(prep, cfg, widths, staging / ".attempt1", label, log)
+    return _finish(prep, cfg, built, label, None, staging, [], log)
+
+
+def _build(prep: Prepared, cfg: JobConfig, widths: dict[str, int], where: Path, label: str, log: Log) -> Attempt:
+    """The model pruned to ``widths`` and exported into ``where`` (an attempt of its own, not
+    yet timed)."""
+    with prep.stages("prune"):
+        result, mode, mode_losses = final_prune(prep, cfg, widths, log)
+        _release(prep)
+    log(f"[{label}] pruned in {result.seconds:.0f} s; exporting")
+    stage = time.perf_counter()
+    where.mkdir()
+    with prep.stages("export"):
+        artifacts = _export(result.program, prep.loaded.example_inputs, where, cfg.formats)
+    log(f"[{label}] exported {', '.join(artifacts) or 'nothing yet'} in {time.perf_counter() - stage:.0f} s")
+    return Attempt(1, None, [], result, mode, mode_losses, where, artifacts, None, False)
+
+
+def _finish(prep: Prepared, cfg: JobConfig, kept: Attempt, label: str, budget: float | None, folder: Path,
+            attempts: list[dict[str, Any]], log: Log) -> Outcome:
+    """Recover, write the Hugging Face folder, publish the kept attempt into ``folder`` and score it."""
+    loaded, stages = prep.loaded, prep.stages
+    dense_module = prep.plan.program.module()
+    recovery = _recover(prep, cfg, kept, dense_module, label, log) if cfg.recover_minutes else None
+    if "hf" in cfg.formats:
+        with stages("export"):
+            kept.artifacts["hf"] = export_hf(loaded.model.lm, kept.result.program, loaded.example_inputs,
+                                             kept.folder / "hf", loaded.tokenizer)
+        log(f"[{label}] Hugging Face folder written and loaded back")
+    _publish_attempt(kept, folder)
+    stage = time.perf_counter()
+    with stages("quality"):
+        quality = prep.task.quality(loaded, kept.result.model, dense_module, cfg.n_eval)
+    log(f"[{label}] {quality} ({time.perf_counter() - stage:.0f} s)")
+    return Outcome(label, budget, kept.allocation, kept.candidates, kept.result, kept.mode, kept.mode_losses,
+                   kept.measured_ms, kept.noisy, quality, kept.artifacts, attempts, recovery)
 
 
 def _environment() -> dict[str, str]:

@@ -103,6 +103,19 @@ REPORT_SCHEMA: dict[str, Any] = {
     }),
 }
 
+# what only a model built for a latency budget has: a budget, the latencies and the search
+BUDGET_FIELDS = ("budget_ms", "dense_ms", "predicted_ms", "measured_ms", "measurement_noisy", "meets_budget",
+                 "budget_tolerance", "budget_missed", "prediction_error", "measurement", "allocation_search", "attempts")
+FIXED_REPORT_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "osscar-export report.json (one model pruned to fixed fractions: --keep-fraction)",
+    **_object({
+        **{k: v for k, v in REPORT_SCHEMA["properties"].items() if k not in BUDGET_FIELDS},
+        "keep_fraction": {"type": "object", "minProperties": 1,
+                          "additionalProperties": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}},
+    }),
+}
+
 SUMMARY_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "osscar-export report.json (a family's summary; each model's own report is in its subfolder)",
@@ -142,33 +155,25 @@ def _missed(o: Outcome) -> str | None:
             f"{o.budget_ms:.3f} ms (tolerance {100 * BUDGET_TOLERANCE:g}%); the fastest of {len(o.attempts)} model(s) built is kept")
 
 
-def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: JobConfig, target: Target,
+def outcome_json(o: Outcome, *, table: LatencyTable | None, plan: StructurePlan, cfg: JobConfig, target: Target,
                  calibration_samples: int, held_out_samples: int, environment: Mapping[str, str]) -> dict[str, Any]:
-    """One model's report: the budget, the three latencies, per-group decisions and quality."""
+    """One model's report: per-group decisions, quality and parity, and for a budget the three
+    latencies and the search (``REPORT_SCHEMA``; ``FIXED_REPORT_SCHEMA`` with ``--keep-fraction``)."""
     groups = []
     for g in plan.groups:
-        width = o.allocation.widths.get(g.name, g.count)
+        kept = int(o.result.masks[g.name].sum()) if g.name in o.result.masks else g.count
+        width = o.allocation.widths.get(g.name, g.count) if o.allocation is not None else kept
         groups.append({
             "name": g.name,
             "kind": g.kind,
             "count": g.count,
-            "kept": int(o.result.masks[g.name].sum()) if g.name in o.result.masks else width,
+            "kept": kept,
             "allocated": width,
-            "predicted_ms": table.ms(g.name, width) if g.name in table.groups else None,
+            "predicted_ms": table.ms(g.name, width) if table is not None and g.name in table.groups else None,
             "layer_loss": {c.weight: o.result.layer_losses.get(c.weight) for c in g.consumers},
         })
-    parity = {k: {"max_abs_diff": r.max_abs_diff, "runtime": r.runtime} for k, r in o.artifacts.items()}
-    return {
+    report = {
         "model": cfg.model,
-        "budget_ms": o.budget_ms,
-        "dense_ms": table.dense_ms,
-        "predicted_ms": o.allocation.predicted_ms,
-        "measured_ms": o.measured_ms,
-        "measurement_noisy": o.noisy,
-        "meets_budget": o.meets_budget,
-        "budget_tolerance": BUDGET_TOLERANCE,
-        "budget_missed": _missed(o),
-        "prediction_error": (o.allocation.predicted_ms - o.measured_ms) / o.measured_ms,
         "quality": o.quality,
         "method": cfg.method,
         "intercept": cfg.intercept,
@@ -180,25 +185,38 @@ def outcome_json(o: Outcome, *, table: LatencyTable, plan: StructurePlan, cfg: J
         "calibration": {"source": cfg.calib or "default", "requested": cfg.n_calib, "samples": calibration_samples,
                         "held_out_samples": held_out_samples, "seed": cfg.seed},
         "target": target.settings(),
-        "measurement": table.measurement,
         "groups": groups,
         "blocked": [list(b) for b in plan.blocked],
-        "parity": parity,
+        "parity": {k: {"max_abs_diff": r.max_abs_diff, "runtime": r.runtime} for k, r in o.artifacts.items()},
+        "prune_seconds": o.result.seconds,
+        "versions": dict(environment),
+    }
+    if o.budget_ms is None:
+        return {**report, "keep_fraction": dict(cfg.keep_fraction)}
+    return {
+        **report,
+        "budget_ms": o.budget_ms,
+        "dense_ms": table.dense_ms,
+        "predicted_ms": o.allocation.predicted_ms,
+        "measured_ms": o.measured_ms,
+        "measurement_noisy": o.noisy,
+        "meets_budget": o.meets_budget,
+        "budget_tolerance": BUDGET_TOLERANCE,
+        "budget_missed": _missed(o),
+        "prediction_error": (o.allocation.predicted_ms - o.measured_ms) / o.measured_ms,
+        "measurement": table.measurement,
         "allocation_search": [
             {"candidate": c.name, "predicted_ms": c.allocation.predicted_ms, "normalised_loss": c.allocation.loss,
              "held_out_loss": c.score, "chosen": c.allocation is o.allocation}
             for c in o.candidates
         ],
         "attempts": o.attempts,
-        "prune_seconds": o.result.seconds,
-        "versions": dict(environment),
     }
 
 
-def _markdown(r: Mapping[str, Any], label: str, loss_name: str) -> str:
-    lines = [
-        f"# osscar-export: {r['model']} ({label})",
-        "",
+def _budget_lines(r: Mapping[str, Any]) -> list[str]:
+    """The markdown report's latency part: the budget, the latencies, whether it was met."""
+    return [
         "| | ms |",
         "|---|---|",
         f"| budget | {r['budget_ms']:.3f} |",
@@ -211,13 +229,23 @@ def _markdown(r: Mapping[str, Any], label: str, loss_name: str) -> str:
         + f"Prediction error {100 * r['prediction_error']:+.1f}%; {len(r['attempts'])} model(s) built.",
         f"Method {r['method']} ({r['mode']}), target {r['target']['name']} with {r['target']['threads']} thread(s), "
         f"{r['measurement']['clock']} clock.",
+    ]
+
+
+def _markdown(r: Mapping[str, Any], label: str, loss_name: str) -> str:
+    fixed = "keep_fraction" in r
+    lines = [
+        f"# osscar-export: {r['model']} ({label})",
+        "",
+        *([f"Pruned to fixed fractions ({', '.join(f'{k} {v:g}' for k, v in r['keep_fraction'].items())}) with "
+           f"{r['method']} ({r['mode']}): no latency budget, nothing timed."] if fixed else _budget_lines(r)),
         "",
         "Quality (held-out data): " + (", ".join(f"{k} = {v:.4g}" for k, v in r["quality"].items()) or "no metric for this task"),
         "",
         *([f"Allocation search ({loss_name} on held-out calibration samples; lowest chosen):", "",
             "| candidate | predicted ms | held-out loss | |", "|---|---|---|---|",
             *(f"| {c['candidate']} | {c['predicted_ms']:.3f} | {c['held_out_loss']:.5g} | {'chosen' if c['chosen'] else ''} |"
-              for c in r["allocation_search"]), ""] if r["allocation_search"] else []),
+              for c in r["allocation_search"]), ""] if r.get("allocation_search") else []),
         "| group | kind | kept / total |",
         "|---|---|---|",
         *(f"| {g['name']} | {g['kind']} | {g['kept']} / {g['count']} |" for g in r["groups"]),
@@ -245,11 +273,12 @@ def plot_tradeoff(path: Path, explored: Sequence[Allocation], chosen: Sequence[t
     plt.close(fig)
 
 
-def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePlan, table: LatencyTable,
+def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePlan, table: LatencyTable | None,
                  target: Target, explored: Sequence[Allocation], outcomes: Sequence[Outcome],
                  calibration_samples: int, held_out_samples: int, environment: Mapping[str, str], seconds: float,
                  stages: Stages) -> None:
-    """Write report.json / report.md per model and tradeoff.png (plus a family summary) into ``folder``."""
+    """Write report.json / report.md per model and tradeoff.png (plus a family summary) into
+    ``folder``; without a latency table (``--keep-fraction``) there is no tradeoff.png."""
     reports = []
     for o in outcomes:
         sub = folder if len(outcomes) == 1 else folder / o.label
@@ -261,7 +290,8 @@ def write_report(folder: Path, *, cfg: JobConfig, task: Task, plan: StructurePla
         write_text(sub / "report.json", _dumps(r))
         write_text(sub / "report.md", _markdown(r, o.label, task.loss_name))
         reports.append((o.label, r))
-    plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
+    if table is not None:  # fixed fractions have no latency table, so no trade-off to plot
+        plot_tradeoff(folder / "tradeoff.png", explored, [(o.label, o.allocation) for o in outcomes], table.dense_ms)
     if len(outcomes) > 1:
         summary = {"model": cfg.model, "job_seconds": seconds, "stage_seconds": dict(stages.seconds), "budgets_met": all(o.meets_budget for o in outcomes),
                    "models": {label: {k: r[k] for k in SUMMARY_SCHEMA["properties"]["models"]["additionalProperties"]["properties"]}

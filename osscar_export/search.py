@@ -135,11 +135,12 @@ class Scorer:
 
     def __init__(self, plan: StructurePlan, grams: Grams, curves: Curves, batches: Sequence[Batch], task: Task,
                  damp: float = 0.01, cache_dir: str | Path | None = None, scores_file: Path | None = None,
-                 intercept: bool = False):
+                 intercept: bool = False, dense_outputs: Sequence[torch.Tensor | None] | None = None):
         """``curves`` as ``error_curves`` made them (same damping and intercept; its ``cache_dir``
         holds the supports); ``batches`` are scored, and should be samples the Grams did not see. Scores
         are read from and saved to ``scores_file`` (``cache.scores_path``), so a re-run of the
-        job scores nothing twice."""
+        job scores nothing twice. ``dense_outputs`` are the dense model's on ``batches``, when the
+        caller has them already."""
         self.plan, self.grams, self.curves, self.task = plan, grams, curves, task
         self.batches = list(batches)
         self.damp, self.cache_dir, self.intercept = damp, cache_dir, intercept
@@ -147,7 +148,7 @@ class Scorer:
         # consumer weight FQN -> its bias and that bias's dense value, restored after each candidate
         self._biases = {c.weight: bias(self.work, c) for g in plan.groups for c in g.consumers if c.full and intercept}
         self._dense_biases = {fqn: getattr(*owner(self.work, fqn)).clone() for fqn in self._biases.values()}
-        self.dense_outputs = task.reference_outputs(self.work, self.batches)
+        self.dense_outputs = list(dense_outputs) if dense_outputs is not None else task.reference_outputs(self.work, self.batches)
         self._tails: _Tails | None | bool = False  # built on the first one-group score; None: too large to keep
         self._supports: dict[str, dict[int, torch.Tensor]] = {}
         self._solutions: dict[tuple[str, int], GroupSolution] = {}

@@ -269,7 +269,7 @@ def test_the_exports_run_without_the_search_and_the_grams(tiny: dict[str, str], 
     widths = {g: w[len(w) // 2] for g, (w, _) in prep.curves.items()}
     first, mode, _ = pipeline.final_prune(prep, cfg, widths, log=lambda _: None)
     grams = prep.grams
-    assert prep.scorer is not None  # --mode best scored both modes on held-out data
+    assert pipeline._scorer(prep, cfg) is prep.scorer is not None
     pipeline._release(prep)
     assert prep.scorer is None and prep.grams is None
     monkeypatch.setattr(cache, "calibrate", lambda *a: pytest.fail("calibrated again"))
