@@ -218,20 +218,36 @@ def file_stem(group: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", group)
 
 
-def error_curve(folder: str | Path, group: str, settings: Mapping[str, Any], tensors: Sequence[torch.Tensor],
-                compute: Callable[[], CurveArrays], shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
-    """One group's error curve: loaded from its own ``.npz`` in ``folder`` when the problem
-    (``settings`` and ``tensors``) matches and the file passes its checks (its digest, and the
-    ``shapes`` of widths, losses and masks), else ``compute()``-d and saved there."""
-    path = Path(folder) / f"{file_stem(group)}-{key('curves', settings, *tensors, length=16)}.npz"
+def curve_path(folder: str | Path, group: str, settings: Mapping[str, Any], tensors: Sequence[torch.Tensor]) -> Path:
+    """Where one group's error curve is kept: keyed by its problem (``settings`` and ``tensors``)."""
+    return Path(folder) / f"{file_stem(group)}-{key('curves', settings, *tensors, length=16)}.npz"
+
+
+def load_curve(path: Path, shapes: Mapping[str, Sequence[int]]) -> CurveArrays | None:
+    """The curve saved at ``path``, or None when there is none or it fails its checks (its
+    digest, and the ``shapes`` of widths, losses and masks; a defective file is discarded)."""
     if path.exists():
         try:
             return _load_curve(path, shapes)
         except Exception as e:  # any defect of a cache file means: compute it again
             _discard(path, e)
-    result = compute()
+    return None
+
+
+def save_curve(path: Path, result: CurveArrays) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, widths=result[0], losses=result[1], masks=result[2], digest=np.array(_curve_digest(result)))
+
+
+def error_curve(folder: str | Path, group: str, settings: Mapping[str, Any], tensors: Sequence[torch.Tensor],
+                compute: Callable[[], CurveArrays], shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
+    """One group's error curve: loaded from its own ``.npz`` in ``folder`` when the problem
+    matches and the file passes its checks (``load_curve``), else ``compute()``-d and saved there."""
+    path = curve_path(folder, group, settings, tensors)
+    result = load_curve(path, shapes)
+    if result is None:
+        result = compute()
+        save_curve(path, result)
     return result
 
 

@@ -89,6 +89,10 @@ def _job_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", default="",
                    help="comma-separated artifacts to write: onnx, pt2, hf (a Hugging Face folder of a pruned Llama, "
                         "Qwen2 or Mistral, loaded back with trust_remote_code=True); default: every one that applies")
+    p.add_argument("--workers", type=int, default=1,
+                   help="solve the error curves as Ray tasks on this many local workers (default 1: in this process; "
+                        "needs the [ray] extra)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="run those Ray tasks on an existing cluster instead")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "
                    "sensitivity and scoring candidate allocations (re-weighted knapsacks and uniform) on held-out "
@@ -157,6 +161,7 @@ def run(argv: list[str], console: Console) -> int:
         intercept=args.intercept, recover_minutes=args.recover_minutes, recover_params=args.recover_params,
         device=args.device, formats=tuple(f for f in args.formats.split(",") if f),
         keep_fraction=parse_keep_fraction(args.keep_fraction) if args.keep_fraction is not None else (),
+        workers=args.workers, ray_address=args.ray_address,
     )
     if not cfg.latency_ms and not cfg.speedup and not cfg.keep_fraction:
         raise OsscarError("give a budget: --latency-ms MS [MS ...] or --speedup S [S ...], or fixed fractions: --keep-fraction F")

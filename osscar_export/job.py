@@ -19,6 +19,7 @@ from osscar_export import cache
 from osscar_export.allocate import Allocation
 from osscar_export.calibration_data import calibration_split
 from osscar_export.errors import OsscarError
+from osscar_export.fanout import Engine
 from osscar_export.latency.table import LatencyTable
 from osscar_export.latency.timing import MeasureSettings
 from osscar_export.memory import release_memory
@@ -83,7 +84,7 @@ def check_keep_fraction(pairs: tuple[tuple[str, float], ...]) -> None:
     kinds = get_args(GroupKind)
     seen = set()
     for kind, f in pairs:
-        if kind != "*" and kind not in kinds:
+        if kind not in kinds and not (kind == "*" and len(pairs) == 1):
             raise OsscarError(f"--keep-fraction: unknown kind {kind!r}; the kinds are {', '.join(kinds)}")
         if kind in seen:
             raise OsscarError(f"--keep-fraction: {kind!r} is given twice")
@@ -148,6 +149,13 @@ class JobConfig:
     device: str = "cpu"  # where recovery trains
     formats: tuple[str, ...] = ()  # of FORMATS; empty: every one that applies to the model (pipeline.output_formats)
     keep_fraction: tuple[tuple[str, float], ...] = ()  # (kind or "*", fraction): replaces a budget (parse_keep_fraction)
+    workers: int = 1  # error curves on this many Ray workers (fanout.Engine); 1: in this process
+    ray_address: str | None = None  # an existing Ray cluster to run them on instead
+
+    @property
+    def engine(self) -> Engine:
+        """Where the error curves are solved."""
+        return Engine(self.workers, self.ray_address)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.formats) - set(FORMATS))
@@ -160,6 +168,7 @@ class JobConfig:
         for s in self.speedup:
             check_budget(s, "--speedup")
         check_keep_fraction(self.keep_fraction)
+        Engine(self.workers, self.ray_address)  # refuses --workers below 1
         if self.keep_fraction and (self.latency_ms or self.speedup):
             raise OsscarError("--keep-fraction replaces a latency budget: give it or --latency-ms / --speedup, not both")
 

@@ -26,7 +26,7 @@ import torch
 from osscar_export import __version__, cache
 from osscar_export.allocate import Allocation, allocate, min_latency_ms, tradeoff
 from osscar_export.atomic import DestinationExists, atomic_dir, sweep_staging
-from osscar_export.errors import InfeasibleBudgetError, OsscarError
+from osscar_export.errors import InfeasibleBudgetError, OsscarError, PlanError
 from osscar_export import hf_folder
 from osscar_export.export import export_hf, export_onnx, save_program
 from osscar_export.job import (BUDGET_TOLERANCE, FORMATS, Attempt, JobConfig, Outcome, Prepared, Stages, calibration_data, check_budget,
@@ -37,8 +37,8 @@ from osscar_export.latency.timing import MeasureSettings, Timing, measure, measu
 from osscar_export.models import LoadedModel, load_model
 from osscar_export.passes.base import Grams
 from osscar_export.passes.structures import find_structures
-from osscar_export.widths import fixed_widths
-from osscar_export.prune import MODES, PruneResult, error_curves, prune
+from osscar_export.plan import StructurePlan
+from osscar_export.prune import MODES, PruneResult, error_curves, prune, resolve_widths
 from osscar_export.recover import recover
 from osscar_export.report import write_report
 from osscar_export.search import Candidate, Scorer, search_allocation
@@ -134,6 +134,8 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     log(f"{len(plan.groups)} groups, {plan.structures} structures, {len(plan.blocked)} dims blocked")
     if not plan.groups:
         raise OsscarError(f"{cfg.model}: no prunable structures found; run `osscar-export inspect {cfg.model}` to see why")
+    if cfg.keep_fraction:
+        _fixed_widths(cfg, plan)  # a kind the model does not have is refused before any work
 
     with stages("calibration data"):
         data = calibration_data(cfg, loaded)
@@ -149,9 +151,10 @@ def prepare(cfg: JobConfig, log: Log = print) -> Prepared:
     if cfg.keep_fraction:
         log("fixed fractions: no error curves, latency table or search")
     else:
-        log(f"error curves at {cfg.levels} widths per group")
+        log(f"error curves at {cfg.levels} widths per group ({cfg.engine.name}, {cfg.workers} worker(s))")
         with stages("error curves"):
-            curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves", intercept=cfg.intercept)
+            curves = error_curves(plan, grams, cfg.levels, cache_dir=work / "curves", intercept=cfg.intercept,
+                                  engine=cfg.engine)
         log(f"latency table on {target.name} ({cfg.threads} thread(s), {settings.clock} clock)")
         with stages("latency table"):
             table = measure_latency(plan, target, {name: list(w) for name, (w, _) in curves.items()}, settings=settings,
@@ -394,15 +397,22 @@ def _budget_family(prep: Prepared, cfg: JobConfig, staging: Path, log: Log) -> t
 def _fixed_fractions(prep: Prepared, cfg: JobConfig, staging: Path, log: Log) -> Outcome:
     """``--keep-fraction``: the model pruned to the asked fractions, with no budget to meet, so
     nothing is timed."""
-    widths = fixed_widths(prep.plan.groups, cfg.keep_fraction)
+    widths = _fixed_widths(cfg, prep.plan)
     label = "keep " + ",".join(f"{k}={f:g}" if k != "*" else f"{f:g}" for k, f in cfg.keep_fraction)
-    missing = sorted({k for k, _ in cfg.keep_fraction} - {g.kind for g in prep.plan.groups} - {"*"})
-    if missing:
-        log(f"warning: the model has no prunable {', '.join(missing)} groups; those fractions change nothing")
     log(f"[{label}] pruning {sum(w < prep.plan.group(g).count for g, w in widths.items())} of {len(widths)} groups "
         f"with {cfg.method}/{cfg.mode}")
     built = _build(prep, cfg, widths, staging / ".attempt1", label, log)
     return _finish(prep, cfg, built, label, None, staging, [], log)
+
+
+def _fixed_widths(cfg: JobConfig, plan: StructurePlan) -> dict[str, int]:
+    """``--keep-fraction``'s width per group: ``round(f·count)``, at least 1 (``prune.resolve_widths``,
+    as the Python API's ``keep_fraction``); kinds not named stay whole."""
+    (first, fraction), *_ = cfg.keep_fraction
+    try:
+        return resolve_widths(plan, fraction if first == "*" else dict(cfg.keep_fraction), None)
+    except PlanError as e:
+        raise OsscarError(f"--keep-fraction: {e}") from None
 
 
 def _build(prep: Prepared, cfg: JobConfig, widths: dict[str, int], where: Path, label: str, log: Log) -> Attempt:

@@ -9,9 +9,10 @@ given, then Calibrate (dense mode, when no Grams are given) → Solve → Materi
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from osscar_export import cache, solver
 from osscar_export.errors import CalibrationDataError, PlanError
+from osscar_export.fanout import Engine
 from osscar_export.passes.base import PruneState, run_passes
 from osscar_export.passes.base import Grams
 from osscar_export.passes.calibrate import Calibrate, blocked_groups, check_batches
@@ -159,6 +161,39 @@ def prune(
                        time.perf_counter() - t0)
 
 
+CurveArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # widths, losses, nested masks (widths × count)
+
+
+def _solve_curve(task: tuple[torch.Tensor, torch.Tensor, int, list[int], str]) -> CurveArrays:
+    """One layer problem's error curve (module level, so a Ray worker can run it)."""
+    H, W, d, widths, method = task
+    curve = solver.error_curve(H, W, group_size=d, levels=widths, method=method, damp=0.0)
+    return np.asarray(curve.levels, dtype=np.int64), curve.losses.cpu().numpy(), curve.masks.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class _CurveJob:
+    """One group's curve to compute: its solver task and where its result is kept."""
+
+    name: str
+    task: tuple[torch.Tensor, torch.Tensor, int, list[int], str]
+    path: Path | None
+
+
+def _curve_job(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], widths: list[int], method: str,
+               damp: float, cache_dir: str | Path | None, intercept: bool) -> tuple[_CurveJob, CurveArrays | None]:
+    """The group's curve job, and its cached result when ``cache_dir`` holds one (keyed by the
+    problem, widths and method: an interrupted run resumes, a changed input never re-uses it)."""
+    problem = layer_problem(group, grams, weight, damp, intercept)
+    job = _CurveJob(group.name, (problem.H, problem.W, problem.d, widths, method), None)
+    if cache_dir is None:
+        return job, None
+    settings = {"group": problem.group, "widths": widths, "method": method, "damp": damp, "d": problem.d}
+    path = cache.curve_path(cache_dir, group.name, settings, (problem.H, problem.W))
+    shapes = {"widths": (len(widths),), "losses": (len(widths),), "masks": (len(widths), group.count)}
+    return dataclasses.replace(job, path=path), cache.load_curve(path, shapes)
+
+
 def group_curve(
     group: StructureGroup,
     grams: Grams,
@@ -168,24 +203,16 @@ def group_curve(
     damp: float = 0.01,
     cache_dir: str | Path | None = None,
     intercept: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One group's error curve: widths, losses and the nested masks (bool, widths × count).
-
-    With ``cache_dir`` it is kept there (``cache.error_curve``, keyed by the problem, widths and
-    method): an interrupted run resumes where it stopped and a changed input never re-uses a
-    stale curve.
-    """
-    problem = layer_problem(group, grams, weight, damp, intercept)
-
-    def compute() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        curve = solver.error_curve(problem.H, problem.W, group_size=problem.d, levels=widths, method=method, damp=0.0)
-        return np.asarray(curve.levels, dtype=np.int64), curve.losses.cpu().numpy(), curve.masks.cpu().numpy()
-
-    if cache_dir is None:
-        return compute()
-    settings = {"group": problem.group, "widths": widths, "method": method, "damp": damp, "d": problem.d}
-    shapes = {"widths": (len(widths),), "losses": (len(widths),), "masks": (len(widths), group.count)}
-    return cache.error_curve(cache_dir, group.name, settings, (problem.H, problem.W), compute, shapes)
+) -> CurveArrays:
+    """One group's error curve: widths, losses and the nested masks (bool, widths × count),
+    kept in ``cache_dir`` when one is given (``cache.curve_path``)."""
+    job, cached = _curve_job(group, grams, weight, widths, method, damp, cache_dir, intercept)
+    if cached is not None:
+        return cached
+    result = _solve_curve(job.task)
+    if job.path is not None:
+        cache.save_curve(job.path, result)
+    return result
 
 
 def error_curves(
@@ -197,19 +224,40 @@ def error_curves(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     intercept: bool = False,
+    engine: Engine = Engine(),
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Every solvable group's ``(widths, losses)`` from dense Grams: the allocator's input.
 
     ``levels`` is what ``width_grid`` takes (a count of evenly spaced fractions, the fractions, or
     explicit widths per group). Losses are the layer objective increase over the dense layer at
     each width (nested supports, one gradual run per group; ``group_curve``, cached in
-    ``cache_dir``).
+    ``cache_dir``). The curves not cached are independent solver runs: ``engine`` runs them here or
+    as Ray tasks, with the same results; layer problems are built one at a time as tasks start.
     """
     state = plan.program.state_dict
     skip = {name for name, _ in grams.blocked}
+    groups = [g for g in plan.groups if g.name not in skip]
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for group in tqdm([g for g in plan.groups if g.name not in skip], desc="error curves", disable=not progress, leave=False):
-        widths, losses, _ = group_curve(group, grams, state.__getitem__, width_grid(group, levels), method, damp, cache_dir,
-                                        intercept)
-        curves[group.name] = (widths, losses)
-    return curves
+    solving: list[_CurveJob | None] = []
+    bar = tqdm(total=len(groups), desc="error curves", disable=not progress, leave=False)
+
+    def tasks() -> Iterator[tuple]:
+        for group in groups:
+            job, cached = _curve_job(group, grams, state.__getitem__, width_grid(group, levels), method, damp, cache_dir,
+                                     intercept)
+            if cached is not None:
+                curves[group.name] = cached[:2]
+                bar.update()
+                continue
+            solving.append(job)
+            yield job.task
+
+    for job_index, result in enumerate(engine.map(_solve_curve, tasks())):
+        job = solving[job_index]
+        if job.path is not None:
+            cache.save_curve(job.path, result)
+        curves[job.name] = result[:2]
+        solving[job_index] = None  # its layer problem is no longer needed
+        bar.update()
+    bar.close()
+    return {g.name: curves[g.name] for g in groups}

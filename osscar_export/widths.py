@@ -36,27 +36,14 @@ def width_grid(group: StructureGroup, levels: int | Sequence[float] | Mapping[st
         if group.name not in levels:
             raise PlanError(f"levels has no widths for group {group.name!r}")
         widths = [int(k) for k in levels[group.name]]
+    elif group.kind in ("channel", "neuron") and group.count >= 2 * ALIGN:
+        widths = [min(group.count, max(ALIGN, ALIGN * round(float(f) * group.count / ALIGN))) for f in levels]
     else:
-        widths = [fraction_width(group, float(f)) for f in levels]
+        widths = [max(1, round(float(f) * group.count)) for f in levels]
     bad = [k for k in widths if not 1 <= k <= group.count]
     if bad:
         raise PlanError(f"widths {bad} for group {group.name!r} are outside 1..{group.count}")
     return sorted(set(widths))
-
-
-def fraction_width(group: StructureGroup, fraction: float) -> int:
-    """The kept width nearest ``fraction`` of ``group``'s count, at least 1; a multiple of ``ALIGN``
-    for channel and neuron groups of at least 2·``ALIGN``."""
-    if group.kind in ("channel", "neuron") and group.count >= 2 * ALIGN:
-        return min(group.count, max(ALIGN, ALIGN * round(fraction * group.count / ALIGN)))
-    return max(1, round(fraction * group.count))
-
-
-def fixed_widths(groups: Sequence[StructureGroup], keep: Sequence[tuple[str, float]]) -> dict[str, int]:
-    """Each group's width for ``--keep-fraction``: ``keep`` pairs a kind (or ``"*"``, every
-    kind) with its kept fraction; groups of kinds not named stay whole."""
-    fractions = dict(keep)
-    return {g.name: fraction_width(g, fractions.get(g.kind, fractions.get("*", 1.0))) for g in groups}
 
 
 def first_mask(count: int, width: int) -> torch.Tensor:

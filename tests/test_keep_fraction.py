@@ -15,7 +15,6 @@ from osscar_export.errors import OsscarError
 from osscar_export.job import JobConfig, parse_keep_fraction
 from osscar_export.passes.structures import find_structures
 from osscar_export.report import FIXED_REPORT_SCHEMA
-from osscar_export.widths import fixed_widths
 from tests.models_zoo import llama_gqa
 from tests.test_cli import _error
 
@@ -43,6 +42,7 @@ def test_parsing(text: str, pairs: tuple) -> None:
     ("neurons=0.5", "unknown kind 'neurons'; the kinds are channel, neuron, head, kv_group"),
     ("neuron=0.5,neuron=0.6", "'neuron' is given twice"),
     ("neuron=0.5,0.6", "'0.6' is not KIND=FRACTION"),
+    ("*=0.5,neuron=0.6", "unknown kind '*'"),
 ])
 def test_bad_fractions_are_refused(text: str, message: str) -> None:
     with pytest.raises(OsscarError, match="--keep-fraction") as e:
@@ -60,12 +60,13 @@ def test_widths_follow_each_kind_and_leave_the_others_whole() -> None:
     plan = find_structures(model, inputs)
     kinds = {g.name: (g.kind, g.count) for g in plan.groups}
     assert sorted(k for k, _ in kinds.values()) == ["kv_group", "neuron"]
-    only_neurons = fixed_widths(plan.groups, (("neuron", 0.3),))
+    only_neurons = pipeline._fixed_widths(JobConfig(model="m", keep_fraction=(("neuron", 0.3),)), plan)
     for name, (kind, count) in kinds.items():
-        # neuron widths are multiples of 8 (widths.ALIGN): 0.3 * 128 = 38.4 -> 40; KV groups stay whole
-        assert only_neurons[name] == (40 if kind == "neuron" else count)
-    both = fixed_widths(plan.groups, (("*", 0.5), ("kv_group", 0.67)))
-    assert {kinds[n][0]: w for n, w in both.items()} == {"neuron": 64, "kv_group": 2}
+        assert only_neurons[name] == (38 if kind == "neuron" else count)  # round(0.3 * 128); KV groups stay whole
+    every = pipeline._fixed_widths(JobConfig(model="m", keep_fraction=(("*", 0.67),)), plan)
+    assert {kinds[n][0]: w for n, w in every.items()} == {"neuron": 86, "kv_group": 2}
+    with pytest.raises(OsscarError, match=r"--keep-fraction: keep_fraction names \['channel'\], which are neither"):
+        pipeline._fixed_widths(JobConfig(model="m", keep_fraction=(("channel", 0.5),)), plan)
 
 
 def test_the_job_times_nothing_and_reports_the_fractions(tiny: dict[str, str], tmp_path: Path,

@@ -1,0 +1,58 @@
+"""Error curves fanned out as Ray tasks equal the serial ones; Ray stays optional."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from osscar_export.errors import OsscarError
+from osscar_export.fanout import Engine
+from osscar_export.passes.calibrate import calibrate
+from osscar_export.passes.structures import find_structures
+from osscar_export.prune import error_curves
+from tests.models_zoo import llama_gqa
+
+
+def test_the_local_engine_maps_in_order_and_lazily() -> None:
+    drawn = []
+
+    def items():
+        for i in range(5):
+            drawn.append(i)
+            yield i
+
+    results = Engine().map(lambda x: x * x, items())
+    assert drawn == []  # nothing is drawn before the first result is asked for
+    assert next(results) == 0 and drawn == [0]
+    assert list(results) == [1, 4, 9, 16]
+    assert Engine().describe() == {"engine": "local", "workers": 1, "address": None}
+
+
+def test_bad_engines_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(OsscarError, match="--workers 0: give at least 1"):
+        Engine(0)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(OsscarError, match=r"needs Ray: pip install 'osscar-export\[ray\]'"):
+        list(Engine(2).map(abs, [-1]))
+
+
+def test_two_ray_workers_give_the_serial_curves() -> None:
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the [ray] extra)")
+    model, inputs = llama_gqa(layers=2, intermediate=64)
+    plan = find_structures(model, inputs)
+    grams = calibrate(plan, [inputs] * 2)
+    serial = error_curves(plan, grams, 4, progress=False)
+    try:
+        fanned = error_curves(plan, grams, 4, progress=False, engine=Engine(2))
+    except OsscarError as e:
+        if "could not start Ray" in str(e):
+            pytest.skip(f"Ray cannot start here: {e}")
+        raise
+    finally:
+        ray.shutdown()
+    assert list(fanned) == list(serial) == [g.name for g in plan.groups]
+    for name, (widths, losses) in serial.items():
+        assert np.array_equal(fanned[name][0], widths)
+        np.testing.assert_allclose(fanned[name][1], losses, rtol=1e-4, atol=1e-12)
