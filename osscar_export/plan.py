@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-GroupKind = Literal["channel", "neuron", "head", "kv_group"]
+GroupKind = Literal["channel", "neuron", "head", "kv_group", "query_head"]
 ConsumerOp = Literal["linear", "conv1d", "conv2d", "conv3d", "matmul"]
 
 

@@ -119,6 +119,17 @@ def llama_gqa(layers: int = 2, intermediate: int = 128) -> Built:
     return _hf(T.LlamaForCausalLM, cfg), _tokens()
 
 
+def llama_mqa(layers: int = 2, intermediate: int = 128) -> Built:
+    """Multi-query attention: 4 query heads sharing 1 KV head of 64 (the stand-in LLM's shape)."""
+    import transformers as T
+
+    cfg = T.LlamaConfig(
+        num_hidden_layers=layers, hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+        intermediate_size=intermediate, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    return _hf(T.LlamaForCausalLM, cfg), _tokens()
+
+
 def bert(layers: int = 2) -> Built:
     import transformers as T
 
@@ -139,6 +150,7 @@ ZOO: dict[str, Callable[[], Built]] = {
     "gpt2": gpt2,
     "opt": opt,
     "llama_gqa": llama_gqa,
+    "llama_mqa": llama_mqa,
     "bert": bert,
 }
 

@@ -439,6 +439,22 @@ def test_gqa_whole_kv_groups() -> None:
         assert shape["model.layers.0.self_attn.o_proj.weight"] == (576, left * 3 * 64)
 
 
+def test_mqa_query_heads() -> None:
+    """Multi-query attention (4 query heads, 1 KV head): removed query heads leave q_proj and
+    o_proj, the shared key and value keep their size."""
+    model, plan = family("llama_mqa")
+    heads = [g for g in plan.groups if g.kind == "query_head"]
+    assert len(heads) == 2 and all(g.count == 4 for g in heads)
+    for removed in ([1], [0, 2, 3]):
+        masks = {g.name: ~torch.isin(torch.arange(4), torch.tensor(removed)) for g in heads}
+        res = check_equivalence(model, plan, masks, plan.example_inputs)
+        shape = {k: tuple(v.shape) for k, v in res["small"].named_parameters() if k.startswith("model.layers.1.self_attn")}
+        left = 4 - len(removed)
+        assert shape["model.layers.1.self_attn.q_proj.weight"] == (left * 64, 256)
+        assert shape["model.layers.1.self_attn.k_proj.weight"] == shape["model.layers.1.self_attn.v_proj.weight"] == (64, 256)
+        assert shape["model.layers.1.self_attn.o_proj.weight"] == (256, left * 64)
+
+
 def test_gqa_dynamic_sequence() -> None:
     """A plan captured with a dynamic sequence gives a small model that runs at other lengths."""
     model, args = models_zoo.llama_gqa()

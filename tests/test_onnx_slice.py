@@ -27,7 +27,7 @@ from osscar_export.passes.structures import find_structures
 from osscar_export.plan import Consumer, ShapeArg, Slice, StructureGroup, StructurePlan
 from test_materialize import TINY, _node, family, outputs, random_masks
 
-FAMILIES = ["gpt2", "llama_gqa", "mobilenet_v2", "opt", "resnet18", "vit_small"]
+FAMILIES = ["gpt2", "llama_gqa", "llama_mqa", "mobilenet_v2", "opt", "resnet18", "vit_small"]
 SLOW = ["bert", "efficientnet_b0", "mobilenet_v3_small", "resnet50"]  # pass too; pytest -m slow
 
 

@@ -449,11 +449,24 @@ def test_gqa_with_two_or_three_query_heads_per_kv_head(heads, kv_heads):
     assert_exact_coupling(model, inputs, kv, [1])
 
 
-def test_mqa_keeps_all_heads():
+def test_mqa_query_heads_are_pruned_alone():
+    """One KV head shared by 4 query heads: the query heads are a group of their own (q_proj rows
+    and o_proj columns, head_dim each); the shared key and value are never touched."""
     model, inputs = _llama(4, 1)
     plan = find_structures(model, inputs)
-    assert not any(g.kind in ("head", "kv_group") for g in plan.groups)
-    assert "query heads sharing one KV head" in blocked_text(plan)
+    (q,) = [g for g in plan.groups if g.kind != "neuron"]
+    assert q.kind == "query_head" and q.count == 4 and q.unit == 16
+    assert {s.target.rsplit(".", 2)[-2]: s.unit for s in q.producers} == {"q_proj": 16}
+    assert [c.weight.rsplit(".", 2)[-2] for c in q.consumers] == ["o_proj"]
+    assert not any("k_proj" in s.target or "v_proj" in s.target for s in q.slices())
+    assert "query heads sharing" not in blocked_text(plan)
+    # A query head with zero queries still averages the shared values, so only its o_proj
+    # columns remove it: zeroing them equals zeroing everything the group owns.
+    with torch.no_grad():
+        cons, both, dense = (zeroed(model, q, [1], "consumers")(*inputs), zeroed(model, q, [1], "both")(*inputs),
+                             model(*inputs))
+    torch.testing.assert_close(cons, both, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(dense, both, atol=1e-4)
 
 
 class SdpaGQA(nn.Module):

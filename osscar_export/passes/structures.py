@@ -19,8 +19,9 @@ Policy decisions (each a blocked reason, never a silent pass-through):
 - head_dim is pruned only as whole heads (its size sets the attention scale);
 - grouped-query attention: a KV head goes only together with all its query heads (kind
   ``kv_group``: k/v rows unit ``head_dim``, q rows and o_proj columns unit ``n_rep*head_dim``,
-  the ``expand``/``reshape`` constants of ``repeat_kv`` rewritten). Query heads within a KV
-  group are blocked, and so are query heads of MQA (one KV head shared by all).
+  the ``expand``/``reshape`` constants of ``repeat_kv`` rewritten). Query heads within one
+  of several KV groups are blocked; with MQA (one KV head shared by all) the query heads are
+  pruned alone (kind ``query_head``: q rows and o_proj columns unit ``head_dim``, k/v untouched).
 """
 
 from __future__ import annotations
@@ -217,6 +218,8 @@ class _GroupReader:
     def _kind(self, leaf: int, roles: list[Tag]) -> str:
         if self.sp.has_flag(leaf, "kv"):
             return "kv_group"
+        if self.sp.has_flag(leaf, "query"):
+            return "query_head"
         if self.sp.has_flag(leaf, "head"):
             return "head"
         if any("conv" in op_name(t.node.target) for t in roles):

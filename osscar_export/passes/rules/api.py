@@ -19,7 +19,7 @@ the node's output layouts, only through these methods of ``a``:
     a.split_concat(lay, sizes)          lay as a concatenation of parts, or None
     a.leaves(lay)                       the atoms lay is made of
     a.size(lay)                         lay's number of indices
-    a.flag(lay, name)                   mark lay's atoms ("head", "kv", "broadcast", "producer")
+    a.flag(lay, name)                   mark lay's atoms ("head", "kv", "query", "broadcast", "producer")
     a.has_flag(lay, name)               whether some atom of lay carries the mark
     a.tag(param, dim, role, node, **info)   a weight dim is a producer / consumer / follower here
     a.shape_arg(node, arg, index, layouts, uniform=False)   an int argument sizing ``layouts``

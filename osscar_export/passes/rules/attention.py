@@ -2,7 +2,9 @@
 
 Heads are the batch dims shared by q, k and v; head_dim is pruned only as whole heads. With
 grouped-query attention a KV head goes only together with all its query heads (kind
-``kv_group``); query heads within a group stay (see docs/design.md, "Op rules").
+``kv_group``); query heads within a group stay. With multi-query attention (one KV head) the
+query heads are the attention's only width: they are pruned alone (kind ``query_head``), the
+shared key and value untouched (see docs/design.md, "Op rules").
 """
 
 from __future__ import annotations
@@ -14,23 +16,32 @@ from osscar_export.passes.rules.api import GraphAnalysis, Layout, Rule, bind, br
 
 aten = torch.ops.aten
 GQA_QUERY = (
-    "query heads sharing one KV head: pruned only together with their KV head (kv_group), "
-    "so query heads within a group (and MQA heads) stay"
+    "query heads sharing one of several KV heads: pruned only together with their KV head (kv_group), "
+    "so query heads within a group stay"
 )
 
 
+def query_heads(a: GraphAnalysis, node: fx.Node, copies: list[Layout], kv: list[Layout]) -> None:
+    """The query heads of each KV head (``copies``): prunable alone when there is one KV head
+    (MQA: ``kv`` all size 1), else blocked, the KV heads (``kv``) flagged as ``kv_group``."""
+    if all(a.size(x) == 1 for x in kv):
+        for x in copies:
+            a.flag(x, "query")
+        return
+    for x in copies:
+        a.block(x, node, GQA_QUERY)
+    for x in kv:
+        a.flag(x, "kv")
+
+
 def gqa_check(a: GraphAnalysis, node: fx.Node, kv_batch: list[Layout]) -> None:
-    """K/V heads built by expanding a size-1 dim (repeat_kv) are GQA copies: block the copies."""
+    """K/V heads built by expanding a size-1 dim (repeat_kv) are copies for the query heads."""
     for lay in kv_batch:
         leaves = a.leaves(lay)
         copies = [x for x in leaves if a.has_flag(x, "broadcast")]
         if not copies or all(a.size(x) == 1 for x in copies):
             continue
-        for x in copies:
-            a.block(x, node, GQA_QUERY)
-        for x in leaves:
-            if x not in copies:
-                a.flag(x, "kv")
+        query_heads(a, node, copies, [x for x in leaves if x not in copies])
 
 
 def sdpa(a: GraphAnalysis, node: fx.Node) -> None:
@@ -45,8 +56,7 @@ def sdpa(a: GraphAnalysis, node: fx.Node) -> None:
         if parts is None:
             a.block_everything(node, "enable_gqa head layout is not followed")
             return
-        a.block(parts[1], node, GQA_QUERY)
-        a.flag(kd[-3], "kv")
+        query_heads(a, node, [parts[1]], [kd[-3]])
         qmatch, qms = qmatch[:-1] + [parts[0]], qms[:-1] + (ks[-3],)
     else:
         gqa_check(a, node, kd[:-2])
