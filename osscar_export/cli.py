@@ -90,8 +90,8 @@ def _job_parser() -> argparse.ArgumentParser:
                    help="comma-separated artifacts to write: onnx, pt2, hf (a Hugging Face folder of a pruned Llama, "
                         "Qwen2 or Mistral, loaded back with trust_remote_code=True); default: every one that applies")
     p.add_argument("--workers", type=int, default=1,
-                   help="solve the error curves as Ray tasks on this many local workers (default 1: in this process; "
-                        "needs the [ray] extra)")
+                   help="solve the error curves and dense-mode layer problems as Ray tasks on this many local workers "
+                        "(default 1: in this process; needs the [ray] extra)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="run those Ray tasks on an existing cluster instead")
     p.add_argument("--no-search", action="store_true",
                    help="take the knapsack's allocation as is instead of measuring each group's end-to-end "

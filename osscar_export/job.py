@@ -149,12 +149,12 @@ class JobConfig:
     device: str = "cpu"  # where recovery trains
     formats: tuple[str, ...] = ()  # of FORMATS; empty: every one that applies to the model (pipeline.output_formats)
     keep_fraction: tuple[tuple[str, float], ...] = ()  # (kind or "*", fraction): replaces a budget (parse_keep_fraction)
-    workers: int = 1  # error curves on this many Ray workers (fanout.Engine); 1: in this process
+    workers: int = 1  # error curves and dense-mode solves on this many Ray workers (fanout.Engine); 1: in this process
     ray_address: str | None = None  # an existing Ray cluster to run them on instead
 
     @property
     def engine(self) -> Engine:
-        """Where the error curves are solved."""
+        """Where the error curves and the dense-mode layer problems are solved."""
         return Engine(self.workers, self.ray_address)
 
     def __post_init__(self) -> None:

@@ -219,7 +219,7 @@ def final_prune(prep: Prepared, cfg: JobConfig, widths: dict[str, int], log: Log
     calibration photos it compounds their over-fitting (measured in docs/results.md)."""
     def pruned(mode: str) -> PruneResult:
         return prune(None, prep.calibration, method=cfg.method, mode=mode, plan=prep.plan, widths=widths, grams=_grams(prep),
-                     intercept=cfg.intercept)
+                     intercept=cfg.intercept, engine=cfg.engine)
 
     if cfg.mode != "best":
         return pruned(cfg.mode), cfg.mode, {}

@@ -110,6 +110,7 @@ def prune(
     progress: bool = True,
     grams: Grams | None = None,
     intercept: bool = False,
+    engine: Engine = Engine(),
 ) -> PruneResult:
     """Prune ``model`` one-shot: every group keeps its width, consumers re-fit on calibration data.
 
@@ -122,6 +123,7 @@ def prune(
     dense mode does not run the calibration forward again; sequential mode ignores them.
     ``intercept``: every re-fitted consumer also re-fits its bias (one is added where it had
     none), which takes the mean of what the removed structures contributed (docs/design.md, "Solver").
+    ``engine``: where dense mode's independent layer problems are solved (``fanout.Engine``).
     """
     t0 = time.perf_counter()
     if method not in METHODS:  # Solve checks both too; here they fail before the structure search
@@ -156,7 +158,7 @@ def prune(
         model=model if model is not None else plan.program.module(), example_inputs=tuple(plan.example_inputs),
         program=plan.program, plan=plan, batches=batches, grams=grams if dense else None,
     )
-    out = run_passes([*passes, Solve(method, mode, counts, damp, progress, intercept), Materialize()], state).state
+    out = run_passes([*passes, Solve(method, mode, counts, damp, progress, intercept, engine), Materialize()], state).state
     return PruneResult(out.model, out.program, out.masks, out.losses, out.weights, out.shifts, plan, blocked,
                        time.perf_counter() - t0)
 

@@ -1,4 +1,4 @@
-"""Error curves fanned out as Ray tasks equal the serial ones; Ray stays optional."""
+"""Error curves and dense-mode solves fanned out as Ray tasks equal the serial ones; Ray stays optional."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from osscar_export.errors import OsscarError
 from osscar_export.fanout import Engine
 from osscar_export.passes.calibrate import calibrate
 from osscar_export.passes.structures import find_structures
-from osscar_export.prune import error_curves
+from osscar_export.prune import error_curves, prune
 from tests.models_zoo import llama_gqa
 
 
@@ -56,3 +57,22 @@ def test_two_ray_workers_give_the_serial_curves() -> None:
     for name, (widths, losses) in serial.items():
         assert np.array_equal(fanned[name][0], widths)
         np.testing.assert_allclose(fanned[name][1], losses, rtol=1e-4, atol=1e-12)
+
+
+def test_dense_mode_solves_on_two_ray_workers_equal_the_serial_prune() -> None:
+    ray = pytest.importorskip("ray", reason="Ray is not installed (the [ray] extra)")
+    model, inputs = llama_gqa(layers=2, intermediate=64)
+    plan = find_structures(model, inputs)
+    batches = [inputs] * 2
+    serial = prune(None, batches, keep_fraction=0.5, mode="dense", plan=plan, progress=False)
+    try:
+        fanned = prune(None, batches, keep_fraction=0.5, mode="dense", plan=plan, progress=False, engine=Engine(2))
+    except OsscarError as e:
+        if "could not start Ray" in str(e):
+            pytest.skip(f"Ray cannot start here: {e}")
+        raise
+    finally:
+        ray.shutdown()
+    assert all(torch.equal(fanned.masks[g], serial.masks[g]) for g in serial.masks)
+    for fqn, w in serial.weights.items():
+        torch.testing.assert_close(fanned.weights[fqn], w, rtol=1e-4, atol=1e-7)

@@ -22,7 +22,7 @@ pruned. Either way it only decides: the model in the state is left alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from osscar_export import solver
 from osscar_export.errors import PlanError
+from osscar_export.fanout import Engine
 from osscar_export.passes.base import Pass, PassResult, PruneState
 from osscar_export.passes.base import Grams
 from osscar_export.passes.calibrate import SequentialCalibrator, blocked_groups, check_batches, dense_grams
@@ -174,8 +175,13 @@ def solve_group(group: StructureGroup, grams: Grams, weight: Callable[[str], tor
     """Keep ``width`` structures of ``group``, chosen by ``method`` on its layer problem (built from
     ``grams`` and the current ``weight``s), and re-fit its consumers."""
     problem = layer_problem(group, grams, weight, damp, intercept)
-    result = solver.prune_layer(problem.H, problem.W, group_size=problem.d, width=width, method=method, damp=0.0)
-    return _solution(group, problem, result, weight)
+    return _solution(group, problem, _prune_task((problem.H, problem.W, problem.d, width, method)), weight)
+
+
+def _prune_task(task: tuple[torch.Tensor, torch.Tensor, int, int, str]) -> solver.LayerSolution:
+    """One layer problem solved at one width (module level, so a Ray worker can run it)."""
+    H, W, d, width, method = task
+    return solver.prune_layer(H, W, group_size=d, width=width, method=method, damp=0.0)
 
 
 def refit_group(group: StructureGroup, grams: Grams, weight: Callable[[str], torch.Tensor], mask: torch.Tensor,
@@ -214,12 +220,13 @@ class Solve(Pass):
     ensures = ("masks", "weights", "shifts", "losses")
 
     def __init__(self, method: str = "osscar", mode: str = "sequential", widths: Mapping[str, int] | None = None,
-                 damp: float = 0.01, progress: bool = True, intercept: bool = False):
+                 damp: float = 0.01, progress: bool = True, intercept: bool = False, engine: Engine = Engine()):
         if method not in solver.METHODS:
             raise ValueError(f"method {method!r} is not one of {solver.METHODS}")
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         self.method, self.mode, self.damp, self.progress, self.intercept = method, mode, damp, progress, intercept
+        self.engine = engine
         self.widths = dict(widths or {})
 
     def check_input(self, state: PruneState) -> None:
@@ -244,20 +251,33 @@ class Solve(Pass):
         shifts: dict[str, torch.Tensor] = {}
         losses: dict[str, float] = {}
 
-        def solve(group: StructureGroup, grams: Grams) -> GroupSolution:
-            solution = solve_group(group, grams, gm.get_parameter, self.widths[group.name], method, self.damp, self.intercept)
+        def keep(group: StructureGroup, solution: GroupSolution) -> GroupSolution:
             masks[group.name] = solution.mask
             weights.update(solution.weights)
             shifts.update(solution.shifts)
             losses.update(solution.losses)
             return solution
 
-        if self.mode == "dense":
+        def solve(group: StructureGroup, grams: Grams) -> GroupSolution:
+            return keep(group, solve_group(group, grams, gm.get_parameter, self.widths[group.name], method, self.damp,
+                                           self.intercept))
+
+        if self.mode == "dense":  # independent layer problems: ``engine`` may fan them out
             grams = state.grams
             if grams is None and todo:
                 grams = dense_grams(plan, gm, check_batches(plan, state.batches), todo, self.progress)
-            for group in tqdm(todo, desc=f"solve ({method})", disable=not self.progress, leave=False):
-                solve(group, grams)
+            problems: list[LayerProblem | None] = []
+
+            def tasks() -> Iterator[tuple]:
+                for group in todo:
+                    problems.append(layer_problem(group, grams, gm.get_parameter, self.damp, self.intercept))
+                    yield problems[-1].H, problems[-1].W, problems[-1].d, self.widths[group.name], method
+
+            results = self.engine.map(_prune_task, tasks())
+            for i, (group, result) in enumerate(tqdm(zip(todo, results), total=len(todo), desc=f"solve ({method})",
+                                                     disable=not self.progress, leave=False)):
+                keep(group, _solution(group, problems[i], result, gm.get_parameter))
+                problems[i] = None  # its Gram-sized matrices are no longer needed
         else:
             calibrator = SequentialCalibrator(plan, gm, check_batches(plan, state.batches))
             for group in tqdm(calibrator.order(todo), desc=f"prune ({method}, sequential)", disable=not self.progress, leave=False):
