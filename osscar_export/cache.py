@@ -235,20 +235,9 @@ def load_curve(path: Path, shapes: Mapping[str, Sequence[int]]) -> CurveArrays |
 
 
 def save_curve(path: Path, result: CurveArrays) -> None:
+    """Keep a computed curve at ``path`` (``curve_path``), with the digest ``load_curve`` checks."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, widths=result[0], losses=result[1], masks=result[2], digest=np.array(_curve_digest(result)))
-
-
-def error_curve(folder: str | Path, group: str, settings: Mapping[str, Any], tensors: Sequence[torch.Tensor],
-                compute: Callable[[], CurveArrays], shapes: Mapping[str, Sequence[int]]) -> CurveArrays:
-    """One group's error curve: loaded from its own ``.npz`` in ``folder`` when the problem
-    matches and the file passes its checks (``load_curve``), else ``compute()``-d and saved there."""
-    path = curve_path(folder, group, settings, tensors)
-    result = load_curve(path, shapes)
-    if result is None:
-        result = compute()
-        save_curve(path, result)
-    return result
 
 
 def dequantised_dir(name: str) -> Path:

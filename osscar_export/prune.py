@@ -23,6 +23,7 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from osscar_export import cache, solver
+from osscar_export.cache import CurveArrays
 from osscar_export.errors import CalibrationDataError, PlanError
 from osscar_export.fanout import Engine
 from osscar_export.passes.base import PruneState, run_passes
@@ -161,9 +162,6 @@ def prune(
     out = run_passes([*passes, Solve(method, mode, counts, damp, progress, intercept, engine), Materialize()], state).state
     return PruneResult(out.model, out.program, out.masks, out.losses, out.weights, out.shifts, plan, blocked,
                        time.perf_counter() - t0)
-
-
-CurveArrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # widths, losses, nested masks (widths × count)
 
 
 def _solve_curve(task: tuple[torch.Tensor, torch.Tensor, int, list[int], str]) -> CurveArrays:

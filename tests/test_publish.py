@@ -14,7 +14,7 @@ from osscar_export import pipeline
 from osscar_export.cli import main
 from osscar_export.errors import OsscarError
 from osscar_export.job import JobConfig
-from osscar_export.pipeline import check_output_dir, check_writable, publishing
+from osscar_export.output_dir import check_output_dir, check_writable, publishing
 from tests.test_cli import _args as job_args
 
 
